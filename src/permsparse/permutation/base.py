@@ -1,0 +1,76 @@
+"""The permutation-method interface and helpers for permutations as index tensors.
+
+A permutation of a layer's ``d_in`` input channels is a ``LongTensor`` ``perm`` of shape ``(d_in,)``
+with ``W' = W[:, perm]``: position ``j`` of the permuted layer holds original channel ``perm[j]``.
+A block-diagonal (group-wise) permutation is stored as ``(G, g)`` local indices, ``g = d_in / G``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from permsparse.sparsity.nm import NMPattern
+
+__all__ = [
+    "PermutationMethod",
+    "Identity",
+    "is_permutation",
+    "invert",
+    "block_to_global",
+    "global_to_block",
+]
+
+
+class PermutationMethod(ABC):
+    """Chooses one input permutation for a binding group from its concatenated scores.
+
+    ``scores`` is ``(sum of d_out over the bound layers, d_in)``: the scores of every layer that
+    reads the same input, stacked along the output dimension.
+    """
+
+    @abstractmethod
+    def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
+        """Return ``perm`` of shape ``(d_in,)`` (long, a bijection of ``range(d_in)``)."""
+
+
+class Identity(PermutationMethod):
+    """No permutation: plain N:M pruning in the original channel order."""
+
+    def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
+        return torch.arange(scores.shape[1], device=scores.device)
+
+
+def is_permutation(perm: Tensor, n: int | None = None) -> bool:
+    """True if ``perm`` (1-D, or ``(G, g)`` rows) is a bijection of ``range(n)``."""
+    if perm.dim() == 2:
+        return all(is_permutation(row, perm.shape[1]) for row in perm)
+    n = perm.numel() if n is None else n
+    if perm.dim() != 1 or perm.numel() != n:
+        return False
+    return bool(torch.equal(torch.sort(perm.long()).values, torch.arange(n, device=perm.device)))
+
+
+def invert(perm: Tensor) -> Tensor:
+    """``argsort(perm)``: the permutation that undoes ``perm`` (works batched over leading dims)."""
+    inv = torch.empty_like(perm)
+    inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
+    return inv
+
+
+def block_to_global(local: Tensor) -> Tensor:
+    """``(G, g)`` per-group permutations to one ``(G * g,)`` permutation of the whole layer."""
+    groups, size = local.shape
+    offsets = torch.arange(groups, device=local.device).unsqueeze(1) * size
+    return (local + offsets).reshape(-1)
+
+
+def global_to_block(perm: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`block_to_global`; raises if ``perm`` moves a channel across groups."""
+    size = perm.numel() // groups
+    local = perm.reshape(groups, size) - torch.arange(groups, device=perm.device).unsqueeze(1) * size
+    if (local < 0).any() or (local >= size).any():
+        raise ValueError(f"permutation is not block-diagonal with {groups} groups of {size} channels")
+    return local
