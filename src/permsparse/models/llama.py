@@ -1,0 +1,76 @@
+"""Binding spec for Hugging Face Llama-like decoders (Llama, Qwen2, Mistral), grouped-query attention included."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from permsparse.models.binding import BindingGroup, BindingSpec, register_spec
+
+__all__ = ["LlamaLikeSpec"]
+
+
+def _llama_like_classes() -> tuple[type, ...]:
+    classes: list[type] = []
+    for module, names in (
+        ("transformers.models.llama.modeling_llama", ("LlamaForCausalLM", "LlamaModel")),
+        ("transformers.models.qwen2.modeling_qwen2", ("Qwen2ForCausalLM", "Qwen2Model")),
+        ("transformers.models.mistral.modeling_mistral", ("MistralForCausalLM", "MistralModel")),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:  # pragma: no cover - depends on the transformers version
+            continue
+        classes += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(classes)
+
+
+@register_spec
+class LlamaLikeSpec(BindingSpec):
+    """``{q,k,v}``, ``{o}``, ``{gate,up}``, ``{down}`` per decoder layer; never embeddings or ``lm_head``.
+
+    ``down`` reads ``act(gate(x)) * up(x)``, so its permutation folds into the rows of ``gate`` and ``up``;
+    ``o`` reads the concatenated attention heads, foldable into ``v``'s rows within a head, identically
+    across the query heads that share one kv head.
+    """
+
+    family = "llama_like"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, _llama_like_classes())
+
+    @staticmethod
+    def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
+        if hasattr(model, "model") and hasattr(model.model, "layers"):
+            return model.model, "model."
+        return model, ""
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(self._decoder(model)[0].layers)
+
+    def block_prefixes(self, model: nn.Module) -> list[str]:
+        decoder, root = self._decoder(model)
+        return [f"{root}layers.{i}" for i in range(len(decoder.layers))]
+
+    def groups(self, model: nn.Module) -> list[BindingGroup]:
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        out: list[BindingGroup] = []
+        for i, p in enumerate(self.block_prefixes(model)):
+            a, m = f"{p}.self_attn", f"{p}.mlp"
+            out += [
+                BindingGroup(f"layers.{i}.qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv", i,
+                             {"type": "residual"}),
+                BindingGroup(
+                    f"layers.{i}.o", [f"{a}.o_proj"], "o", i,
+                    {"type": "v_rows", "module": f"{a}.v_proj", "rows": (0, kv_heads * head_dim),
+                     "head_dim": head_dim, "num_heads": heads, "num_kv_heads": kv_heads},
+                ),
+                BindingGroup(f"layers.{i}.gate_up", [f"{m}.gate_proj", f"{m}.up_proj"], "gate_up", i,
+                             {"type": "residual"}),
+                BindingGroup(f"layers.{i}.down", [f"{m}.down_proj"], "down", i,
+                             {"type": "rows", "modules": [f"{m}.gate_proj", f"{m}.up_proj"]}),
+            ]
+        return out

@@ -1,0 +1,91 @@
+"""The learnable cost of the paper's method (METHOD.md section 4): one ``g x g`` cost per channel group.
+
+``C[k, i, j]`` is the cost of putting original channel ``i`` of group ``k`` at position ``j``. The
+module normalises the free parameter, runs log-domain Sinkhorn, hardens with Hungarian and hands back
+a straight-through permutation matrix. Only these parameters train; the model stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from permsparse.permutation.base import block_to_global, global_to_block
+from permsparse.permutation.hungarian import hungarian, perm_to_matrix, straight_through
+from permsparse.permutation.sinkhorn import log_sinkhorn
+
+__all__ = ["LearnableCost"]
+
+
+class LearnableCost(nn.Module):
+    """Block-diagonal learnable permutation of ``d_in`` channels split into ``groups`` contiguous groups.
+
+    Args:
+        d_in: channels to permute.
+        groups: number G of contiguous channel groups (the paper's default is 4); ``g = d_in / G``.
+        init: ``"identity"`` (cost ``-I`` + noise, so the first hard permutation is the identity) or
+            a permutation tensor ``(d_in,)`` to start from (e.g. the RIA heuristic's).
+        init_scale: magnitude of the ``-I`` (or ``-P_init``) term before normalisation.
+        noise: std of the Gaussian noise added at initialisation (breaks symmetry).
+        normalize: standardise each ``g x g`` block (mean 0, std 1) before Sinkhorn.
+        seed: seed of the initial noise.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        groups: int = 4,
+        init: str | Tensor = "identity",
+        init_scale: float = 1.0,
+        noise: float = 0.01,
+        normalize: bool = True,
+        eps: float = 1e-6,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if groups < 1 or d_in % groups:
+            raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")
+        self.d_in, self.groups, self.group_size = d_in, groups, d_in // groups
+        self.normalize, self.eps = normalize, eps
+        gen = torch.Generator().manual_seed(seed)
+        g = self.group_size
+        if isinstance(init, str):
+            if init != "identity":
+                raise ValueError(f"unknown cost init {init!r}; use 'identity' or pass a permutation tensor")
+            target = torch.eye(g).expand(groups, g, g)
+        else:
+            target = perm_to_matrix(global_to_block(init.long().cpu(), groups))
+        raw = -init_scale * target + noise * torch.randn(groups, g, g, generator=gen)
+        self.raw = nn.Parameter(raw.contiguous())
+
+    def cost(self) -> Tensor:
+        """The (normalised) cost tensor ``(G, g, g)``."""
+        if not self.normalize:
+            return self.raw
+        mean = self.raw.mean(dim=(-2, -1), keepdim=True)
+        std = self.raw.std(dim=(-2, -1), keepdim=True)
+        return (self.raw - mean) / (std + self.eps)
+
+    def forward(
+        self,
+        tau: float,
+        n_iters: int = 20,
+        hard: bool = True,
+        gumbel_scale: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(P, perm)``: the ``(G, g, g)`` matrix used in the forward pass and the hard ``(G, g)``.
+
+        ``hard=True``: ``P`` equals the Hungarian hardening of the Sinkhorn matrix in value and carries
+        the Sinkhorn gradient (straight-through). ``hard=False``: ``P`` is the Sinkhorn matrix itself.
+        """
+        soft = log_sinkhorn(self.cost(), tau, n_iters, gumbel_scale, generator).exp()
+        perm = hungarian(soft.detach(), maximize=True)
+        if not hard:
+            return soft, perm
+        return straight_through(perm_to_matrix(perm, soft.dtype), soft), perm
+
+    @torch.no_grad()
+    def harden(self) -> Tensor:
+        """The zero-temperature limit: the assignment of least total cost, as one ``(d_in,)`` permutation."""
+        return block_to_global(hungarian(self.cost(), maximize=False))

@@ -1,0 +1,48 @@
+"""Hardening a soft assignment: Hungarian matching per group and the straight-through estimator."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from permsparse.permutation.base import invert
+
+__all__ = ["hungarian", "perm_to_matrix", "straight_through"]
+
+
+def hungarian(scores: Tensor, maximize: bool = True) -> Tensor:
+    """Best assignment per group of a ``(G, g, g)`` (or ``(g, g)``) matrix, as permutations ``(G, g)``.
+
+    ``scores[k, i, j]`` rates sending original channel ``i`` to position ``j``; the result ``perm``
+    follows the package convention ``perm[k, j] = i`` (position ``j`` holds channel ``i``).
+    """
+    single = scores.dim() == 2
+    batch = scores.unsqueeze(0) if single else scores
+    if batch.dim() != 3 or batch.shape[-1] != batch.shape[-2]:
+        raise ValueError(f"hungarian needs (G, g, g) square matrices, got shape {tuple(scores.shape)}")
+    mats = batch.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(mats).all():
+        raise ValueError("hungarian: the assignment matrix contains NaN or Inf")
+    cols = np.empty(mats.shape[:2], dtype=np.int64)
+    for k, mat in enumerate(mats):
+        rows, col = linear_sum_assignment(mat, maximize=maximize)
+        cols[k, rows] = col
+    # cols[k, i] = position of channel i; the package convention wants its inverse.
+    perm = invert(torch.from_numpy(cols)).to(scores.device)
+    return perm[0] if single else perm
+
+
+def perm_to_matrix(perm: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(G, g)`` permutations to ``(G, g, g)`` 0/1 matrices ``P`` with ``W @ P == W[:, perm]`` per group."""
+    g = perm.shape[-1]
+    mat = torch.zeros(*perm.shape, g, dtype=dtype, device=perm.device)
+    # P[i, j] = 1 where i = perm[j]: scatter along the row dimension.
+    mat.scatter_(-2, perm.unsqueeze(-2), 1.0)
+    return mat
+
+
+def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    """Forward value ``hard``, gradient of ``soft``: ``hard + soft - soft.detach()``."""
+    return hard + soft - soft.detach()

@@ -1,0 +1,205 @@
+"""Prune a whole model: one pruner, one permutation method, every bound group of a binding spec.
+
+The model keeps its original channel order: each linear gets ``W * M'[:, argsort(p)]`` where ``M'`` is
+the N:M mask of the permuted scores (METHOD.md section 3). The permutations are returned so that
+export can fold them into the weights later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
+from permsparse.permutation.base import Identity, PermutationMethod, is_permutation
+from permsparse.permutation.efficacy import efficacy, kept_ratio
+from permsparse.sparsity.base import LayerStats, Pruner
+from permsparse.sparsity.nm import NMPattern, check_nm, check_nm_shape
+
+__all__ = ["GroupReport", "PruneReport", "group_scores", "prune_group", "prune_model", "prune_model_sequential",
+           "check_model_divisible"]
+
+
+@dataclass
+class GroupReport:
+    """What happened to one binding group."""
+
+    name: str
+    linears: list[str]
+    perm: Tensor
+    efficacy: float
+    kept_ratio: float
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """Per-group results of :func:`prune_model`; ``perms`` maps group name to its ``(d_in,)`` permutation."""
+
+    pattern: NMPattern
+    groups: list[GroupReport] = field(default_factory=list)
+
+    @property
+    def perms(self) -> dict[str, Tensor]:
+        return {g.name: g.perm for g in self.groups}
+
+    @property
+    def mean_efficacy(self) -> float:
+        return sum(g.efficacy for g in self.groups) / max(len(self.groups), 1)
+
+    @property
+    def mean_kept_ratio(self) -> float:
+        return sum(g.kept_ratio for g in self.groups) / max(len(self.groups), 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "pattern": str(self.pattern),
+            "mean_efficacy": self.mean_efficacy,
+            "mean_kept_ratio": self.mean_kept_ratio,
+            "groups": {
+                g.name: {"linears": g.linears, "efficacy": g.efficacy, "kept_ratio": g.kept_ratio, "seconds": g.seconds}
+                for g in self.groups
+            },
+        }
+
+
+def check_model_divisible(model: nn.Module, groups: Iterable[BindingGroup], pattern: NMPattern,
+                          channel_groups: int = 1) -> None:
+    """Raise ``ValueError`` naming the first layer whose ``d_in`` is not divisible by M (and the group count)."""
+    for group in groups:
+        for name in group.linears:
+            weight = model.get_submodule(name).weight
+            check_nm_shape(weight.shape, pattern, name)
+            if weight.shape[1] % (channel_groups * pattern.m):
+                raise ValueError(
+                    f"{name}: d_in={weight.shape[1]} is not divisible by groups x M = {channel_groups} x {pattern.m}; "
+                    f"choose perm.groups dividing {weight.shape[1] // pattern.m}"
+                )
+
+
+def group_scores(model: nn.Module, group: BindingGroup, pruner: Pruner,
+                 stats: Mapping[str, LayerStats] | None) -> Tensor:
+    """The pruner's scores of every linear in ``group``, stacked along the output dimension (float32)."""
+    parts = []
+    for name in group.linears:
+        weight = model.get_submodule(name).weight.detach().float()
+        parts.append(pruner.score(weight, None if stats is None else stats.get(name)).float())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def prune_group(
+    model: nn.Module,
+    group: BindingGroup,
+    pruner: Pruner,
+    pattern: NMPattern,
+    permutation: PermutationMethod | Tensor,
+    stats: Mapping[str, LayerStats] | None = None,
+) -> GroupReport:
+    """Choose (or take) the group's permutation, then mask every bound linear in place, original order."""
+    start = time.perf_counter()
+    scores = group_scores(model, group, pruner, stats)
+    if isinstance(permutation, Tensor):
+        perm = permutation.to(scores.device).long()
+    else:
+        perm = permutation.find(scores, pattern, name=group.name).long()
+    if not is_permutation(perm, scores.shape[1]):
+        raise ValueError(f"{group.name}: the permutation method returned a non-bijection of {scores.shape[1]} channels")
+    for name in group.linears:
+        linear = model.get_submodule(name)
+        weight = linear.weight
+        result = pruner.prune(weight.detach().float(), None if stats is None else stats.get(name), pattern, perm, name)
+        new = (result.weight if result.weight is not None else weight.detach().float()) * result.mask
+        weight.copy_(new.to(weight.dtype))
+        check_nm(weight[:, perm], pattern, name)
+    return GroupReport(
+        name=group.name,
+        linears=list(group.linears),
+        perm=perm.cpu(),
+        efficacy=float(efficacy(scores, perm, pattern)),
+        kept_ratio=float(kept_ratio(scores, perm, pattern)),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def prune_model(
+    model: nn.Module,
+    pruner: Pruner,
+    pattern: NMPattern | str,
+    permutation: PermutationMethod | Mapping[str, Tensor] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
+    spec: BindingSpec | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune every bound linear of ``model`` in place to N:M, choosing one permutation per binding group.
+
+    ``permutation`` is a method (``find`` per group), a mapping ``group name -> perm`` (e.g. learned
+    permutations), or ``None`` for the identity. ``stats`` come from
+    :func:`permsparse.sparsity.calibration.collect_stats` when the pruner needs them.
+    """
+    pattern = NMPattern.parse(pattern)
+    spec = spec or get_spec(model)
+    groups = spec.groups(model)
+    check_model_divisible(model, groups, pattern)
+    if (pruner.needs_stats or pruner.needs_hessian) and stats is None:
+        raise ValueError(f"pruner {type(pruner).__name__} needs calibration statistics; pass stats=collect_stats(...)")
+    report = PruneReport(pattern)
+    for group in tqdm(groups, desc=f"prune {pattern}", disable=not progress):
+        report.groups.append(prune_group(model, group, pruner, pattern, _perm_for(permutation, group), stats))
+    return report
+
+
+def _perm_for(permutation: PermutationMethod | Mapping[str, Tensor] | None,
+              group: BindingGroup) -> PermutationMethod | Tensor:
+    if permutation is None:
+        return Identity()
+    if isinstance(permutation, PermutationMethod):
+        return permutation
+    if group.name not in permutation:
+        raise ValueError(f"no permutation given for binding group {group.name!r}")
+    return permutation[group.name]
+
+
+def prune_model_sequential(
+    model: nn.Module,
+    pruner: Pruner,
+    pattern: NMPattern | str,
+    batches: Iterable,
+    permutation: PermutationMethod | Mapping[str, Tensor] | None = None,
+    spec: BindingSpec | None = None,
+    forward: Callable | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Block-by-block pruning as published for Wanda/SparseGPT: block ``l`` is calibrated on the output
+    of the already-pruned blocks ``< l``, then pruned, before block ``l + 1`` is calibrated."""
+    from permsparse.sparsity.calibration import collect_stats_sequential
+
+    pattern = NMPattern.parse(pattern)
+    spec = spec or get_spec(model)
+    groups = spec.groups(model)
+    check_model_divisible(model, groups, pattern)
+    by_block: dict[int, list[BindingGroup]] = {}
+    for group in groups:
+        by_block.setdefault(group.block, []).append(group)
+    report = PruneReport(pattern)
+
+    def on_block(index: int, stats: Mapping[str, LayerStats]) -> None:
+        for group in by_block.get(index, []):
+            report.groups.append(prune_group(model, group, pruner, pattern, _perm_for(permutation, group), stats))
+
+    collect_stats_sequential(
+        model,
+        spec.blocks(model),
+        [[n for g in by_block.get(i, []) for n in g.linears] for i in range(len(spec.blocks(model)))],
+        batches,
+        on_block,
+        hessian=pruner.needs_hessian,
+        forward=forward,
+        progress=progress,
+    )
+    return report

@@ -1,0 +1,148 @@
+"""Sinkhorn, Hungarian, straight-through estimator and the learnable cost module."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from permsparse.permutation.apply import apply_block_matrix, apply_block_matrix_t, permuted_masked_weight
+from permsparse.permutation.base import block_to_global, global_to_block, invert, is_permutation
+from permsparse.permutation.cost import LearnableCost
+from permsparse.permutation.hungarian import hungarian, perm_to_matrix, straight_through
+from permsparse.permutation.schedule import TemperatureSchedule
+from permsparse.permutation.sinkhorn import doubly_stochastic_residual, log_sinkhorn, sinkhorn
+from permsparse.sparsity.nm import nm_mask
+
+
+def test_sinkhorn_residual_falls_below_1e_3_with_enough_iterations():
+    cost = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    few = doubly_stochastic_residual(sinkhorn(cost, tau=0.5, n_iters=1))
+    many = doubly_stochastic_residual(sinkhorn(cost, tau=0.5, n_iters=200))
+    assert many < 1e-3
+    assert many < few
+
+
+def test_sinkhorn_is_finite_at_low_temperature_with_large_costs():
+    cost = 1e4 * torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))
+    cost.requires_grad_(True)
+    log_p = log_sinkhorn(cost, tau=1e-3, n_iters=50)
+    assert torch.isfinite(log_p).all()
+    log_p.exp().sum().backward()
+    assert torch.isfinite(cost.grad).all()
+
+
+def test_sinkhorn_is_differentiable_and_batched():
+    cost = torch.randn(3, 8, 8, requires_grad=True)
+    p = sinkhorn(cost, tau=1.0, n_iters=10, gumbel_scale=0.5, generator=torch.Generator().manual_seed(0))
+    (p * torch.randn(3, 8, 8)).sum().backward()
+    assert cost.grad is not None and torch.isfinite(cost.grad).all() and cost.grad.abs().sum() > 0
+    # each group is normalised independently: scaling one group's cost leaves the others unchanged
+    other = cost.detach().clone()
+    other[0] *= 3
+    a, b = sinkhorn(cost.detach(), 1.0, 10), sinkhorn(other, 1.0, 10)
+    assert torch.allclose(a[1:], b[1:])
+
+
+def test_sinkhorn_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="square"):
+        sinkhorn(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="tau"):
+        sinkhorn(torch.randn(3, 3), tau=0.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hungarian_matches_brute_force(seed):
+    g = 6
+    scores = torch.randn(2, g, g, generator=torch.Generator().manual_seed(seed))
+    perm = hungarian(scores)
+    for k in range(2):
+        best = max(itertools.permutations(range(g)), key=lambda p: sum(scores[k, p[j], j] for j in range(g)))
+        got = sum(scores[k, perm[k, j], j] for j in range(g))
+        assert torch.isclose(torch.as_tensor(got), torch.as_tensor(sum(scores[k, best[j], j] for j in range(g))))
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 4), size=st.integers(1, 12), seed=st.integers(0, 10_000))
+def test_hard_permutations_are_bijections(groups, size, seed):
+    cost = torch.randn(groups, size, size, generator=torch.Generator().manual_seed(seed))
+    perm = hungarian(sinkhorn(cost, 0.3, 5))
+    assert is_permutation(perm, size)
+    glob = block_to_global(perm)
+    assert is_permutation(glob, groups * size)
+    assert torch.equal(global_to_block(glob, groups), perm)
+    assert torch.equal(invert(glob)[glob], torch.arange(groups * size))
+
+
+def test_perm_matrix_matches_gather_and_its_transpose_undoes_it():
+    perm = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    w = torch.randn(7, 15)
+    p = perm_to_matrix(perm)
+    assert torch.allclose(apply_block_matrix(w, p), w[:, block_to_global(perm)])
+    assert torch.allclose(apply_block_matrix_t(apply_block_matrix(w, p), p), w)
+
+
+def test_permuted_masked_weight_equals_mask_mapped_back():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 16, generator=gen)
+    local = torch.stack([torch.randperm(4, generator=gen) for _ in range(4)])
+    perm = block_to_global(local)
+    mask_perm = nm_mask(w.abs()[:, perm], "2:4")
+    expected = w * mask_perm[:, invert(perm)]
+    got = permuted_masked_weight(w, perm_to_matrix(local), mask_perm)
+    assert torch.allclose(got, expected)
+
+
+def test_straight_through_has_hard_value_and_soft_gradient():
+    soft = torch.rand(2, 3, 3, requires_grad=True)
+    hard = perm_to_matrix(hungarian(soft.detach()))
+    out = straight_through(hard, soft)
+    assert torch.allclose(out.detach(), hard, atol=1e-6)
+    out.sum().backward()
+    assert torch.equal(soft.grad, torch.ones_like(soft))
+
+
+def test_learnable_cost_starts_at_identity_and_learns():
+    cost = LearnableCost(16, groups=4, seed=0)
+    p, perm = cost(tau=1.0)
+    assert torch.equal(perm, torch.arange(4).expand(4, 4))
+    assert torch.equal(cost.harden(), torch.arange(16))
+    # normalised blocks: mean 0, std 1
+    c = cost.cost()
+    assert torch.allclose(c.mean((-2, -1)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(c.std((-2, -1)), torch.ones(4), atol=1e-3)
+    # a loss that prefers the reversed order moves the hard permutation there
+    target = perm_to_matrix(torch.arange(3, -1, -1).expand(4, 4))
+    opt = torch.optim.Adam(cost.parameters(), lr=0.1)
+    for _ in range(60):
+        p, _ = cost(tau=0.5)
+        loss = -(p * target).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(cost.harden(), block_to_global(torch.arange(3, -1, -1).expand(4, 4)))
+
+
+def test_learnable_cost_can_start_from_a_given_permutation():
+    start = block_to_global(torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in range(2)]))
+    assert torch.equal(LearnableCost(16, groups=2, init=start).harden(), start)
+    with pytest.raises(ValueError, match="not divisible"):
+        LearnableCost(10, groups=4)
+
+
+def test_soft_mode_returns_the_sinkhorn_matrix():
+    cost = LearnableCost(8, groups=2)
+    p, perm = cost(tau=1.0, hard=False)
+    assert doubly_stochastic_residual(p) < 1e-2
+    assert not torch.equal(p, perm_to_matrix(perm))
+
+
+@pytest.mark.parametrize("kind", ["exponential", "linear", "cosine"])
+def test_temperature_schedule_runs_from_start_to_end(kind):
+    s = TemperatureSchedule(1.0, 0.05, 100, kind)
+    assert s(0) == pytest.approx(1.0) and s(100) == pytest.approx(0.05) and s(1000) == pytest.approx(0.05)
+    values = [s(i) for i in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError, match="unknown temperature schedule"):
+        TemperatureSchedule(kind="step")
