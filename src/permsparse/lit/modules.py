@@ -1,0 +1,151 @@
+"""LightningModules that train only the permutation costs of a frozen model.
+
+Loss (METHOD.md section 4.5): ``CE(task) + alpha * sum_l SmoothL1(h_l_dense, h_l_sparse)`` where
+``h_l`` is the output of block ``l`` and the dense teacher is the same model with masks switched off.
+The :class:`~permsparse.lit.callbacks.PermutationLearning` callback attaches the learnable costs as
+``self.permutations`` before the optimisers are configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from permsparse.models.binding import get_spec
+
+__all__ = ["PermutationModule", "CausalLMModule", "ImageClassifierModule"]
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class PermutationModule(pl.LightningModule):
+    """Base: a frozen model, block-output capture for the distillation term, AdamW + cosine on the costs.
+
+    Args:
+        model: the frozen network (timm ViT or HF causal LM).
+        optimizer: a partial optimiser factory (Hydra ``_partial_: true``), called with the cost parameters.
+        scheduler: a partial LR-scheduler factory or ``None``; cosine over all steps by default config.
+        alpha: weight of the block-output distillation term (the paper's 1e-5); 0 disables the teacher pass.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Callable | None = None, scheduler: Callable | None = None,
+                 alpha: float = 1e-5) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.alpha = alpha
+        self.permutations: nn.Module | None = None  # set by the PermutationLearning callback
+        self._captured: list[Tensor] | None = None
+        for block in get_spec(model).blocks(model):
+            block.register_forward_hook(self._capture_hook)
+
+    def _capture_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._captured is not None:
+            self._captured.append(_first(output))
+
+    def forward_with_blocks(self, batch: Any) -> tuple[Any, list[Tensor]]:
+        """Run the task forward and return its output and every block's output."""
+        self._captured = []
+        try:
+            out = self.task_forward(batch)
+            return out, self._captured
+        finally:
+            self._captured = None
+
+    def train(self, mode: bool = True) -> PermutationModule:
+        """The frozen model stays in eval mode (no dropout) while the costs train."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # -- task specifics -----------------------------------------------------------------------
+    def task_forward(self, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def task_loss(self, output: Any, batch: Any) -> Tensor:
+        raise NotImplementedError
+
+    # -- Lightning ----------------------------------------------------------------------------
+    def _distill_and_task(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if self.permutations is None:
+            raise RuntimeError("no permutations attached: add the PermutationLearning callback to the Trainer")
+        distill = torch.zeros((), device=self.device)
+        teacher: list[Tensor] = []
+        if self.alpha > 0:
+            with torch.no_grad(), self.permutations.dense():
+                _, teacher = self.forward_with_blocks(batch)
+        output, student = self.forward_with_blocks(batch)
+        task = self.task_loss(output, batch)
+        if self.alpha > 0:
+            distill = sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher))
+        return task + self.alpha * distill, task, distill
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, task, distill = self._distill_and_task(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/task_loss", task)
+        self.log("train/distill_loss", distill)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.task_loss(self.task_forward(batch), batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        if self.permutations is None:
+            raise RuntimeError("no permutations attached: add the PermutationLearning callback to the Trainer")
+        params = list(self.permutations.parameters())
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01))
+        optimizer = factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = self.scheduler_factory(optimizer=optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """Only the learnable costs are checkpointed; the frozen model is rebuilt from its config."""
+        full = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in full.items() if k.startswith("permutations.")}
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> Any:
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+class CausalLMModule(PermutationModule):
+    """Next-token cross-entropy on windows of token ids ``(B, T)`` (HF causal LM)."""
+
+    def task_forward(self, batch: Tensor) -> Tensor:
+        ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(input_ids=ids).logits
+
+    def task_loss(self, output: Tensor, batch: Tensor) -> Tensor:
+        ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+        logits = output[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+class ImageClassifierModule(PermutationModule):
+    """Class-label cross-entropy on ``(images, labels)`` batches (timm ViT)."""
+
+    def task_forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return self.model(batch[0])
+
+    def task_loss(self, output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(output.float(), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits = self.task_forward(batch)
+        loss = self.task_loss(logits, batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/top1", (logits.argmax(-1) == batch[1]).float().mean(), sync_dist=True)
+        return loss

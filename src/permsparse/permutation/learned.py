@@ -1,0 +1,193 @@
+"""The paper's learned permutation, as plain PyTorch: costs, masks and the masked forward of a frozen model.
+
+:class:`LearnedPermutations` attaches one :class:`LearnableCost` to every binding group of a model and a
+weight parametrization to every bound linear, so that the model computes with
+``W_eff = ((W P) * M(P)) P^T`` (METHOD.md section 4.4) where ``P`` is the group's current
+(straight-through hard, or soft) permutation and ``M(P)`` the pruner's N:M mask of the permuted
+scores. Switching the masks off (:meth:`LearnedPermutations.dense`) gives the dense teacher without a
+copy of the model. The Lightning callback in :mod:`permsparse.lit` drives it; a notebook can too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
+from permsparse.permutation.apply import block_permute_scores, permuted_masked_weight
+from permsparse.permutation.base import block_to_global
+from permsparse.permutation.cost import LearnableCost
+from permsparse.sparsity.base import LayerStats, Pruner
+from permsparse.sparsity.nm import NMPattern, nm_mask
+
+__all__ = ["LearnedPermutations", "cost_key"]
+
+
+def cost_key(group_name: str) -> str:
+    """``nn.ModuleDict`` keys may not contain dots."""
+    return group_name.replace(".", "__")
+
+
+class _GroupState:
+    """Per-group tensors shared by the parametrizations of the group's linears (not a module)."""
+
+    def __init__(self, group: BindingGroup, scores: dict[str, Tensor]) -> None:
+        self.group = group
+        self.scores = scores  # linear name -> frozen score (d_out, d_in)
+        self.p: Tensor | None = None  # (G, g, g) matrix used in the forward pass
+        self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order
+        self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
+
+
+class _MaskedWeight(nn.Module):
+    """Weight parametrization: ``((W P) * M) P^T`` while masks are on, ``W`` otherwise."""
+
+    def __init__(self, owner: LearnedPermutations, state: _GroupState, name: str) -> None:
+        super().__init__()
+        # Plain attributes (not submodules) so the owner and state stay out of the model's state dict.
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_state", state)
+        self.linear_name = name
+
+    def forward(self, weight: Tensor) -> Tensor:
+        state: _GroupState = self._state
+        if not self._owner.enabled or state.p is None:
+            return weight
+        p = state.p.to(weight.dtype)
+        return permuted_masked_weight(weight, p, state.masks[self.linear_name])
+
+
+class LearnedPermutations(nn.Module):
+    """Learnable block-diagonal permutations for every binding group of a frozen model.
+
+    Args:
+        model: the model (its weights are frozen by :meth:`attach`).
+        pruner: mask generator whose ``score`` ranks weights (Wanda, RIA, magnitude, SparseGPT saliency).
+        pattern: the N:M pattern.
+        stats: calibration statistics per linear name (if the pruner needs them).
+        groups: channel groups G per layer (the paper's default 4).
+        spec: binding spec (found from the model class if omitted).
+        init, init_scale, noise, normalize, seed: passed to :class:`LearnableCost`;
+            ``init`` may be ``"identity"`` or a mapping ``group name -> (d_in,) permutation``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner: Pruner,
+        pattern: NMPattern | str,
+        stats: Mapping[str, LayerStats] | None = None,
+        groups: int = 4,
+        spec: BindingSpec | None = None,
+        init: str | Mapping[str, Tensor] = "identity",
+        init_scale: float = 1.0,
+        noise: float = 0.01,
+        normalize: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.pattern = NMPattern.parse(pattern)
+        self.spec = spec or get_spec(model)
+        self.binding = self.spec.groups(model)
+        self.enabled = True
+        self.costs = nn.ModuleDict()
+        self._states: dict[str, _GroupState] = {}
+        object.__setattr__(self, "_model", model)  # not a submodule: only the costs are parameters here
+        for index, group in enumerate(self.binding):
+            scores = {}
+            for name in group.linears:
+                weight = model.get_submodule(name).weight.detach().float()
+                scores[name] = pruner.score(weight, None if stats is None else stats.get(name)).float()
+            d_in = next(iter(scores.values())).shape[1]
+            if d_in % (groups * self.pattern.m):
+                raise ValueError(
+                    f"{group.name}: d_in={d_in} is not divisible by groups x M = {groups} x {self.pattern.m}; "
+                    f"choose perm.groups dividing {d_in // self.pattern.m}"
+                )
+            group_init = init if isinstance(init, str) else init[group.name]
+            self.costs[cost_key(group.name)] = LearnableCost(
+                d_in, groups, group_init, init_scale, noise, normalize, seed=seed + index
+            )
+            self._states[group.name] = _GroupState(group, scores)
+        self._attached = False
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def attach(self) -> LearnedPermutations:
+        """Freeze the model and parametrize every bound linear's weight with its group's mask."""
+        model = self._model
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for state in self._states.values():
+            for name in state.group.linears:
+                parametrize.register_parametrization(
+                    model.get_submodule(name), "weight", _MaskedWeight(self, state, name), unsafe=True
+                )
+        self._attached = True
+        self.refresh(tau=1.0, hard=True)
+        return self
+
+    def detach_model(self) -> None:
+        """Remove the parametrizations, leaving the original dense weights in place."""
+        if not self._attached:
+            return
+        for state in self._states.values():
+            for name in state.group.linears:
+                parametrize.remove_parametrizations(self._model.get_submodule(name), "weight",
+                                                    leave_parametrized=False)
+        self._attached = False
+
+    @contextlib.contextmanager
+    def dense(self) -> Iterator[None]:
+        """Masks off: the model computes with its dense weights (the distillation teacher)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # -- per step -------------------------------------------------------------------------------
+    def refresh(self, tau: float, hard: bool = True, n_iters: int = 20, gumbel_scale: float = 0.0,
+                generator: torch.Generator | None = None) -> None:
+        """Recompute every group's ``P`` (with gradient to the costs) and its N:M masks (constants)."""
+        for group_name, state in self._states.items():
+            cost = self.costs[cost_key(group_name)]
+            p, local = cost(tau, n_iters, hard, gumbel_scale, generator)
+            self._set(state, p, block_to_global(local), soft=not hard)
+
+    @torch.no_grad()
+    def set_permutations(self, perms: Mapping[str, Tensor]) -> None:
+        """Use fixed hard permutations (no gradient), e.g. for validation or the final evaluation."""
+        from permsparse.permutation.base import global_to_block
+        from permsparse.permutation.hungarian import perm_to_matrix
+
+        for group_name, state in self._states.items():
+            cost = self.costs[cost_key(group_name)]
+            perm = perms[group_name].to(cost.raw.device).long()
+            self._set(state, perm_to_matrix(global_to_block(perm, cost.groups), cost.raw.dtype), perm)
+
+    def _set(self, state: _GroupState, p: Tensor, perm: Tensor, soft: bool = False) -> None:
+        # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
+        # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
+        if soft or state.perm is None or not torch.equal(state.perm, perm) or not state.masks:
+            for name, score in state.scores.items():
+                permuted = block_permute_scores(score, p.to(score.device)) if soft else score[:, perm.to(score.device)]
+                state.masks[name] = nm_mask(permuted, self.pattern, name)
+            state.perm = perm
+        state.p = p
+
+    @torch.no_grad()
+    def hard_permutations(self) -> dict[str, Tensor]:
+        """The zero-temperature permutation of every group (Hungarian on the cost), ``(d_in,)`` each."""
+        return {name: self.costs[cost_key(name)].harden().cpu() for name in self._states}
+
+    def current_permutations(self) -> dict[str, Tensor]:
+        """The hard permutations used in the last forward pass."""
+        return {name: state.perm.detach().cpu() for name, state in self._states.items() if state.perm is not None}
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self._states)
