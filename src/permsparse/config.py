@@ -1,0 +1,80 @@
+"""Checks on a resolved run config, before any model is loaded: one clear message per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from permsparse.sparsity.nm import NMPattern
+
+__all__ = ["ConfigError", "validate_config"]
+
+_TASKS = {"causal_lm", "image_classification"}
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key, the value and the valid choices or the fix."""
+
+
+def _require(cfg: DictConfig, key: str) -> object:
+    node: object = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node or node[part] is None:
+            raise ConfigError(f"{key} is missing from the config; set it on the command line ({key}=...) or in conf/")
+        node = node[part]
+    return node
+
+
+def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = _require(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ConfigError(f"{key}={value!r} is invalid: it must be an integer {bound}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first invalid value; cheap, loads nothing heavy."""
+    n, m = _require(cfg, "sparsity.n"), _require(cfg, "sparsity.m")
+    try:
+        NMPattern(n, m)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ConfigError(f"sparsity={n}:{m} is invalid: {err}; choose e.g. sparsity=2:4, 4:8, 1:4 or 2:8") from None
+    model_task, data_task = _require(cfg, "model.task"), _require(cfg, "dataset.task")
+    if model_task not in _TASKS:
+        raise ConfigError(f"model.task={model_task!r} is not one of {sorted(_TASKS)}")
+    if model_task != data_task:
+        raise ConfigError(
+            f"model={cfg.model.name} is a {model_task} model but dataset={cfg.dataset.name} is a {data_task} "
+            "dataset; pick a matching dataset"
+        )
+    _positive_int(cfg, "calibration.samples")
+    _positive_int(cfg, "calibration.batch_size")
+    _positive_int(cfg, "eval.batch_size")
+    if cfg.perm.get("learned"):
+        _positive_int(cfg, "perm.groups")
+        _positive_int(cfg, "perm.train_samples")
+        _positive_int(cfg, "perm.val_samples")
+        _positive_int(cfg, "perm.batch_size")
+        _positive_int(cfg, "perm.sinkhorn_iters")
+        epochs, steps = _require(cfg, "perm.max_epochs"), _require(cfg, "perm.max_steps")
+        if steps == 0 or (epochs is not None and epochs < 1 and steps in (-1, None)):
+            raise ConfigError(
+                f"perm=learned with perm.max_epochs={epochs} and perm.max_steps={steps} trains nothing; "
+                "set perm.max_epochs >= 1 or perm.max_steps >= 1"
+            )
+        if cfg.perm.mode not in {"hard", "soft"}:
+            raise ConfigError(f"perm.mode={cfg.perm.mode!r} is invalid; choose hard or soft")
+        if cfg.perm.init not in {"identity", "ria"}:
+            raise ConfigError(f"perm.init={cfg.perm.init!r} is invalid; choose identity or ria")
+        for key in ("tau_start", "tau_end"):
+            if not float(cfg.perm[key]) > 0:
+                raise ConfigError(f"perm.{key}={cfg.perm[key]} is invalid: temperatures must be > 0")
+        if cfg.calibration.sequential:
+            raise ConfigError(
+                "calibration.sequential=true is not supported with perm=learned: the learned method collects "
+                "its statistics once on the dense model (METHOD.md section 2); use calibration.sequential=false"
+            )
+    resume = cfg.get("resume")
+    if resume and not Path(str(resume)).is_dir():
+        raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")

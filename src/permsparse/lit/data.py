@@ -1,0 +1,162 @@
+"""Data modules: one object per evaluation protocol, giving calibration batches, training and validation
+loaders for the learned permutation, and the evaluation that every method is scored by.
+
+Interface used by :mod:`permsparse.run` (any new data module implements it):
+``calibration_batches(n, batch_size)``, ``train_dataloader(n, batch_size, seq_len)``,
+``val_dataloader(n, batch_size, seq_len)``, ``evaluate(model, batch_size, progress) -> {metric: value}``,
+``forward(model, batch)`` (for calibration hooks) and ``describe() -> dict`` (recorded in results.json).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+__all__ = ["ImageDataModule", "TextDataModule"]
+
+
+def _check_count(what: str, n: int, available: int) -> None:
+    if n < 1:
+        raise ValueError(f"{what}: asked for {n} samples; it must be >= 1")
+    if n > available:
+        raise ValueError(f"{what}: asked for {n} samples but only {available} are available")
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Image classification: calibration and training from the train split, validation from a held-out
+    part of it, top-1 on the test split (ImageNet: the ``val`` folder)."""
+
+    def __init__(self, dataset: str = "digits", root: str | None = None, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.dataset, self.root, self.seed, self.num_workers = dataset, root, seed, num_workers
+        self._splits: Any = None
+
+    def _load(self) -> Any:
+        if self._splits is None:
+            if self.dataset == "imagenet":
+                from permsparse.data.vision import load_imagenet_folder
+
+                if not self.root:
+                    raise ValueError("dataset=imagenet needs dataset.datamodule.root=/path/to/imagenet (ImageFolder)")
+                self._splits = {"train": load_imagenet_folder(self.root, "train"),
+                                "test": load_imagenet_folder(self.root, "val")}
+                self._splits["val"] = self._splits["train"]
+            else:
+                from permsparse.data.vision import load_image_dataset
+
+                splits = load_image_dataset(self.dataset, seed=self.seed)
+                self._splits = {"train": splits.train, "val": splits.val, "test": splits.test}
+        return self._splits
+
+    def _subset(self, split: str, n: int, offset: int = 0) -> Subset:
+        data = self._load()[split]
+        _check_count(f"{self.dataset} {split} split", offset + n, len(data))
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed + 1))
+        return Subset(data, order[offset:offset + n].tolist())
+
+    def calibration_batches(self, n: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+        return list(DataLoader(self._subset("train", n), batch_size=batch_size, shuffle=False))
+
+    def train_dataloader(self, n: int = 1024, batch_size: int = 64, seq_len: int | None = None) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self._subset("train", n), batch_size=batch_size, shuffle=True, generator=gen,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self, n: int = 256, batch_size: int = 64, seq_len: int | None = None) -> DataLoader:
+        return DataLoader(self._subset("val", n), batch_size=batch_size, shuffle=False)
+
+    @staticmethod
+    def forward(model: nn.Module, batch: Any) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        param = next(model.parameters())
+        return model(x.to(param.device, param.dtype))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 256, progress: bool = True) -> dict[str, float]:
+        from permsparse.data.vision import top1
+
+        return {"top1": top1(model, self._load()["test"], batch_size=batch_size, progress=progress)}
+
+    def describe(self) -> dict:
+        splits = self._load()
+        return {"dataset": self.dataset, "seed": self.seed, "metric": "top1 (percent) on the test split",
+                **{f"{k}_size": len(v) for k, v in splits.items()}}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Causal LM text protocol (``shakespeare`` offline; ``wikitext2``/``c4`` from the hub).
+
+    Calibration and training windows are seeded random ``seq_len`` windows of the first 90 % of the
+    tokens (the last 5 % of that region is kept for validation windows); evaluation is perplexity on
+    the first ``eval_windows`` non-overlapping windows of the last 10 %, plus ``second_domain``.
+    """
+
+    def __init__(self, tokenizer: Any, corpus: str = "shakespeare", seq_len: int = 512, eval_windows: int | None = 32,
+                 second_domain: str | None = "pydoc", second_domain_windows: int = 16, seed: int = 0,
+                 val_fraction: float = 0.05) -> None:
+        super().__init__()
+        self.tokenizer, self.corpus, self.seq_len = tokenizer, corpus, seq_len
+        self.eval_windows, self.second_domain, self.second_domain_windows = eval_windows, second_domain, second_domain_windows
+        self.seed, self.val_fraction = seed, val_fraction
+        self._ids: dict[str, Tensor] | None = None
+
+    def _load(self) -> dict[str, Tensor]:
+        if self._ids is None:
+            from permsparse.data import text
+
+            split = text.load_token_split(self.corpus, self.tokenizer)
+            n_val = int(len(split.train) * self.val_fraction)
+            self._ids = {"train": split.train[: len(split.train) - n_val], "val": split.train[len(split.train) - n_val:],
+                         "eval": split.eval}
+            if self.second_domain:
+                self._ids["second"] = text.load_token_split(self.second_domain, self.tokenizer, eval_only=True).eval
+        return self._ids
+
+    def _windows(self, split: str, n: int, seq_len: int | None, seed_offset: int) -> Tensor:
+        from permsparse.data.text import train_windows
+
+        return train_windows(self._load()[split], n, seq_len or self.seq_len, seed=self.seed + seed_offset)
+
+    def calibration_batches(self, n: int, batch_size: int) -> list[Tensor]:
+        return list(self._windows("train", n, None, 0).split(batch_size))
+
+    def train_dataloader(self, n: int = 64, batch_size: int = 4, seq_len: int | None = None) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(TensorDataset(self._windows("train", n, seq_len, 1)), batch_size=batch_size, shuffle=True,
+                          generator=gen)
+
+    def val_dataloader(self, n: int = 8, batch_size: int = 4, seq_len: int | None = None) -> DataLoader:
+        return DataLoader(TensorDataset(self._windows("val", n, seq_len, 2)), batch_size=batch_size, shuffle=False)
+
+    @staticmethod
+    def forward(model: nn.Module, batch: Any) -> Any:
+        ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return model(input_ids=ids.to(next(model.parameters()).device))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+        from permsparse.data.text import eval_windows, perplexity
+
+        ids = self._load()
+        out = {f"ppl_{self.corpus}": perplexity(model, eval_windows(ids["eval"], self.eval_windows, self.seq_len),
+                                                batch_size=batch_size, progress=progress)}
+        if "second" in ids:
+            windows = eval_windows(ids["second"], self.second_domain_windows, self.seq_len)
+            out[f"ppl_{self.second_domain}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
+        return out
+
+    def describe(self) -> dict:
+        ids = self._load()
+        return {
+            "corpus": self.corpus, "seq_len": self.seq_len, "eval_windows": self.eval_windows,
+            "second_domain": self.second_domain, "second_domain_windows": self.second_domain_windows,
+            "seed": self.seed, "tokenizer": getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__),
+            "tokens": {k: int(v.numel()) for k, v in ids.items()},
+            "protocol": "calibration/training: seeded random windows of the first 90 % of tokens (its last "
+                        f"{self.val_fraction:.0%} for validation); evaluation: first non-overlapping windows of the "
+                        "last 10 %",
+        }

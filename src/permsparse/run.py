@@ -1,0 +1,274 @@
+"""One flow for every method: load, calibrate, evaluate dense, choose masks (pruner x perm), evaluate
+pruned, write ``results.json`` (and the permutations beside it).
+
+``train.py`` is a thin Hydra entry point around :func:`train`; a notebook can call it with a composed
+config too (``hydra.compose``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from permsparse.models.binding import get_spec
+from permsparse.permutation.base import block_to_global
+from permsparse.prune import PruneReport, check_model_divisible, group_scores, prune_model, prune_model_sequential
+from permsparse.sparsity.calibration import collect_stats
+from permsparse.sparsity.nm import NMPattern
+from permsparse.utils.io import atomic_torch_save, atomic_write_json
+
+__all__ = ["train", "learn_permutations", "package_versions"]
+
+log = logging.getLogger("permsparse")
+
+_VERSIONED = ["permsparse", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "transformers", "timm",
+              "datasets", "wandb", "scipy", "numpy"]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a result (recorded in every ``results.json``)."""
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        log.info("phase: %s", phase)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _load_model(cfg: DictConfig) -> tuple[nn.Module, Any]:
+    loaded = instantiate(cfg.model.load)
+    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if cfg.model.get("tokenizer") is not None:
+        tokenizer = instantiate(cfg.model.tokenizer)
+    return model.eval(), tokenizer
+
+
+def _build_logger(cfg: DictConfig) -> Any:
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg or "_target_" not in logger_cfg:
+        return None
+    if "WandbLogger" in str(logger_cfg._target_) and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return instantiate(logger_cfg, _convert_="all")
+
+
+def _prune(cfg: DictConfig, model: nn.Module, pruner: Any, pattern: NMPattern,
+           permutation: Any, stats: Mapping | None, datamodule: Any) -> PruneReport:
+    if cfg.calibration.sequential:
+        return prune_model_sequential(
+            model, pruner, pattern, datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size),
+            permutation, forward=datamodule.forward, progress=cfg.progress,
+        )
+    return prune_model(model, pruner, pattern, permutation, stats, progress=cfg.progress)
+
+
+def _ria_block_init(model: nn.Module, pruner: Any, stats: Mapping | None, pattern: NMPattern,
+                    groups: int) -> dict[str, Tensor]:
+    """Start the learned costs from the RIA heuristic, run inside each channel group (so it is block-diagonal)."""
+    from permsparse.permutation.ria_cp import RIAChannelPermutation
+
+    method = RIAChannelPermutation()
+    out = {}
+    for group in get_spec(model).groups(model):
+        scores = group_scores(model, group, pruner, stats)
+        size = scores.shape[1] // groups
+        local = torch.stack([method.find(scores[:, k * size:(k + 1) * size], pattern, name=group.name)
+                             for k in range(groups)])
+        out[group.name] = block_to_global(local)
+    return out
+
+
+def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, pruner: Any, pattern: NMPattern,
+                       stats: Mapping | None, out_dir: Path, logger: Any = None) -> tuple[dict[str, Tensor], dict]:
+    """Train the permutation costs with Lightning; return the best hardened permutations and a summary."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from permsparse.lit.callbacks import PermutationLearning
+
+    perm_cfg = cfg.perm
+    init: Any = perm_cfg.init
+    if init == "ria":
+        init = _ria_block_init(model, pruner, stats, pattern, perm_cfg.groups)
+    elif init != "identity":
+        raise ValueError(f"perm.init={init!r} is not a valid choice; use identity or ria")
+    module = instantiate(cfg.model.module)(
+        model=model, optimizer=instantiate(perm_cfg.optimizer), scheduler=instantiate(perm_cfg.scheduler),
+        alpha=perm_cfg.alpha,
+    )
+    callback = PermutationLearning(
+        pruner, pattern, stats, groups=perm_cfg.groups, tau_start=perm_cfg.tau_start, tau_end=perm_cfg.tau_end,
+        tau_schedule=perm_cfg.tau_schedule, sinkhorn_iters=perm_cfg.sinkhorn_iters, mode=perm_cfg.mode,
+        gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
+        normalize=perm_cfg.normalize, seed=cfg.seed,
+    )
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
+    trainer_kwargs: dict[str, Any] = {
+        "max_epochs": perm_cfg.max_epochs,
+        "max_steps": perm_cfg.max_steps,
+        "callbacks": [callback, checkpoint],
+        "logger": logger if logger is not None else False,
+        "default_root_dir": str(out_dir),
+        "enable_progress_bar": bool(cfg.progress),
+    }
+    if perm_cfg.val_every_n_steps:
+        trainer_kwargs["val_check_interval"] = int(perm_cfg.val_every_n_steps)
+        trainer_kwargs["check_val_every_n_epoch"] = None
+    trainer = instantiate(cfg.trainer, **trainer_kwargs)
+    ckpt_path = None
+    if cfg.get("resume"):
+        ckpt_path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint at {ckpt_path}")
+    seq_len = perm_cfg.get("seq_len")
+    trainer.fit(
+        module,
+        train_dataloaders=datamodule.train_dataloader(perm_cfg.train_samples, perm_cfg.batch_size, seq_len),
+        val_dataloaders=datamodule.val_dataloader(perm_cfg.val_samples, perm_cfg.batch_size, seq_len),
+        ckpt_path=str(ckpt_path) if ckpt_path else None,
+    )
+    perms = callback.final_perms
+    module.permutations.detach_model()  # dense weights back in place; masks are applied by prune_model
+    summary = {"best_val_loss": callback.best_loss, "history": callback.history,
+               "steps": trainer.global_step, "changed_channels": callback._changed_channels(perms)}
+    return perms, summary
+
+
+def _metrics_row(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+def _print_table(results: dict) -> None:
+    metrics = results["metrics"]
+    rows = [("dense", metrics.get("dense", {}))]
+    if "identity" in metrics:
+        rows.append((f"{results['pruner']} {results['pattern']} (identity)", metrics["identity"]))
+    rows.append((f"{results['pruner']} {results['pattern']} + perm={results['perm']}", metrics.get("pruned", {})))
+    keys = list(rows[0][1])
+    width = max(len(r[0]) for r in rows) + 2
+    lines = ["", f"{'':<{width}}" + "".join(f"{k:>18}" for k in keys)]
+    for name, vals in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"{vals.get(k, float('nan')):>18.4f}" for k in keys))
+    print("\n".join(lines) + "\n", flush=True)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one experiment end to end and return the result dictionary written to ``results.json``."""
+    import pytorch_lightning as pl
+
+    from permsparse.config import validate_config
+
+    validate_config(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
+    learned = bool(cfg.perm.learned)
+
+    with timer("load"):
+        model, tokenizer = _load_model(cfg)
+        spec = get_spec(model)
+        groups = spec.groups(model)
+        check_model_divisible(model, groups, pattern, int(cfg.perm.groups) if learned else 1)
+        dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
+        datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
+        pruner = instantiate(cfg.pruner.method)
+    logger = _build_logger(cfg)
+
+    stats = None
+    if (pruner.needs_stats or pruner.needs_hessian) and not cfg.calibration.sequential:
+        with timer("calibrate"):
+            names = [n for g in groups for n in g.linears]
+            stats = collect_stats(
+                model, names, datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size),
+                hessian=pruner.needs_hessian, forward=datamodule.forward, progress=cfg.progress,
+            )
+
+    metrics: dict[str, dict[str, float]] = {}
+    with timer("eval_dense"):
+        metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+
+    if cfg.eval.identity_baseline and cfg.perm.name != "none":
+        dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with timer("prune_identity"):
+            identity_report = _prune(cfg, model, pruner, pattern, None, stats, datamodule)
+        with timer("eval_identity"):
+            metrics["identity"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+        model.load_state_dict(dense_state)
+        del dense_state, identity_report
+
+    learn_summary = None
+    if learned:
+        with timer("learn_permutations"):
+            permutation, learn_summary = learn_permutations(cfg, model, datamodule, pruner, pattern, stats,
+                                                            out_dir, logger)
+    else:
+        permutation = instantiate(cfg.perm.method)
+    with timer("prune"):
+        report = _prune(cfg, model, pruner, pattern, permutation, stats, datamodule)
+    with timer("eval_pruned"):
+        metrics["pruned"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+
+    atomic_torch_save(report.perms, out_dir / "perms.pt")
+    results = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "pattern": str(pattern),
+        "pruner": cfg.pruner.name,
+        "perm": cfg.perm.name,
+        "seed": int(cfg.seed),
+        "protocol": datamodule.describe(),
+        "versions": package_versions(),
+        "command": " ".join(sys.argv),
+        "metrics": metrics,
+        "efficacy": {"mean": report.mean_efficacy, "per_group": {g.name: g.efficacy for g in report.groups}},
+        "kept_ratio": {"mean": report.mean_kept_ratio, "per_group": {g.name: g.kept_ratio for g in report.groups}},
+        "perm_seconds": {g.name: g.seconds for g in report.groups},
+        "learning": learn_summary,
+        "timings": timer.seconds,
+        "permutations_file": "perms.pt",
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    if logger is not None:
+        flat = {}
+        for phase, vals in metrics.items():
+            flat.update(_metrics_row(phase, vals))
+        flat["perm/mean_efficacy"] = report.mean_efficacy
+        flat["perm/mean_kept_ratio"] = report.mean_kept_ratio
+        logger.log_metrics(flat)
+        logger.save()
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
+            logger.experiment.summary.update(flat)
+            logger.experiment.finish()
+    _print_table(results)
+    log.info("results written to %s", out_dir / "results.json")
+    return results

@@ -1,0 +1,72 @@
+"""Every config group composes, and bad values give one clear error before anything loads."""
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF, compose_cfg
+from omegaconf import open_dict
+
+from permsparse.config import ConfigError, validate_config
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_config_is_the_embedded_offline_default():
+    cfg = compose_cfg([], Path("/tmp/x"))
+    assert (cfg.model.name, cfg.dataset.name, cfg.sparsity.name, cfg.pruner.name, cfg.perm.name) == (
+        "smollm2_135m", "shakespeare", "2:4", "wanda", "learned")
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "sparsity", "pruner", "perm", "trainer", "logger"])
+def test_every_option_of_every_group_composes(group):
+    options = _options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        cfg = compose_cfg([f"{group}={option}"], Path("/tmp/x"))
+        assert group in cfg
+
+
+def test_sparsity_options_parse_from_the_command_line():
+    for name in ["2:4", "4:8", "1:4", "2:8"]:
+        cfg = compose_cfg([f"sparsity={name}"], Path("/tmp/x"))
+        assert f"{cfg.sparsity.n}:{cfg.sparsity.m}" == name == cfg.sparsity.name
+
+
+def test_every_model_matches_a_dataset_of_its_task():
+    tasks = {opt: compose_cfg([f"dataset={opt}"], Path("/tmp/x")).dataset.task for opt in _options("dataset")}
+    for model in _options("model"):
+        cfg = compose_cfg([f"model={model}"], Path("/tmp/x"))
+        assert cfg.model.task in tasks.values()
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["sparsity.n=5"], "N must not exceed M"),
+        (["sparsity.n=0"], "N must be >= 1"),
+        (["sparsity.m=0"], "M must be >= 1"),
+        (["model=tiny_vit"], "is a image_classification model but dataset=shakespeare"),
+        (["calibration.samples=0"], "calibration.samples=0 is invalid"),
+        (["perm.groups=-1"], "perm.groups=-1 is invalid"),
+        (["perm.max_steps=0"], "trains nothing"),
+        (["perm.mode=medium"], "perm.mode='medium' is invalid; choose hard or soft"),
+        (["perm.tau_end=0"], "temperatures must be > 0"),
+        (["calibration.sequential=true"], "not supported with perm=learned"),
+        (["resume=/nonexistent/run"], "resume=/nonexistent/run is not a folder"),
+    ],
+)
+def test_bad_configs_fail_with_a_clear_message(overrides, needle):
+    cfg = compose_cfg(overrides, Path("/tmp/x"))
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_missing_key_is_named():
+    cfg = compose_cfg([], Path("/tmp/x"))
+    with open_dict(cfg):
+        del cfg.sparsity.n
+    with pytest.raises(ConfigError, match="sparsity.n is missing"):
+        validate_config(cfg)
