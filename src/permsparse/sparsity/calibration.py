@@ -116,7 +116,9 @@ def _resolve(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
         except AttributeError:
             missing.append(name)
     if missing:
-        raise ValueError(f"calibration: no module named {', '.join(map(repr, missing))} in {type(model).__name__}")
+        raise ValueError(
+            f"calibration: no module named {', '.join(map(repr, missing))} in {type(model).__name__}"
+        )
     return modules
 
 
@@ -299,7 +301,9 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
     if (a.hessian is None) != (b.hessian is None):
         raise ValueError("merge_stats: one of the stats has a Hessian and the other does not")
     hessian = None if a.hessian is None else a.hessian + b.hessian.to(a.hessian.device)  # type: ignore[union-attr]
-    return LayerStats(sq_sum=a.sq_sum + b.sq_sum.to(a.sq_sum.device), count=a.count + b.count, hessian=hessian)
+    return LayerStats(
+        sq_sum=a.sq_sum + b.sq_sum.to(a.sq_sum.device), count=a.count + b.count, hessian=hessian
+    )
 
 
 def merge_stats_dicts(a: Mapping[str, LayerStats], b: Mapping[str, LayerStats]) -> dict[str, LayerStats]:
@@ -325,7 +329,7 @@ def all_reduce_stats(stats: dict[str, LayerStats], group: Any = None) -> dict[st
         dist.all_reduce(s.sq_sum, group=group)
         if s.hessian is not None:
             dist.all_reduce(s.hessian, group=group)
-        count = torch.tensor([s.count], dtype=torch.float64, device=s.sq_sum.device)
+        count = torch.tensor([s.count], dtype=torch.int64, device=s.sq_sum.device)
         dist.all_reduce(count, group=group)
-        s.count = int(round(count.item()))
+        s.count = int(count.item())
     return stats

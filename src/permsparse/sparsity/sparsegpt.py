@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from permsparse.sparsity.base import LayerStats, Pruner, PruneResult
-from permsparse.sparsity.nm import NMPattern, check_nm_shape, nm_mask
+from permsparse.sparsity.nm import NMPattern, check_nm_shape
 
 __all__ = ["SparseGPTPruner"]
 
@@ -30,7 +30,9 @@ class SparseGPTPruner(Pruner):
     needs_hessian = True
     updates_weights = True
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float32
+    ) -> None:
         if blocksize < 1:
             raise ValueError(f"sparsegpt: blocksize must be >= 1, got {blocksize}")
         if percdamp < 0:
@@ -45,7 +47,9 @@ class SparseGPTPruner(Pruner):
         return f"SparseGPTPruner(blocksize={self.blocksize}, percdamp={self.percdamp}, dtype={self.dtype})"
 
     # ------------------------------------------------------------------ Hessian helpers
-    def _hessian(self, stats: LayerStats, d_in: int, device: torch.device, name: str) -> tuple[Tensor, Tensor]:
+    def _hessian(
+        self, stats: LayerStats, d_in: int, device: torch.device, name: str
+    ) -> tuple[Tensor, Tensor]:
         """Damped ``H = 2 X^T X / n`` in ``self.dtype`` and the boolean mask of dead channels."""
         stats = self._require_stats(stats, hessian=True)
         assert stats.hessian is not None
@@ -73,7 +77,9 @@ class SparseGPTPruner(Pruner):
                 if int(info) == 0:
                     return upper.to(h.dtype)
             if dtype != torch.float64:
-                warnings.warn(f"{name}: Cholesky failed in {dtype}; retrying in float64", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{name}: Cholesky failed in {dtype}; retrying in float64", RuntimeWarning, stacklevel=3
+                )
         raise ValueError(
             f"{name}: the damped Hessian is not positive definite; increase percdamp (now {self.percdamp})"
         )
@@ -123,16 +129,20 @@ class SparseGPTPruner(Pruner):
         w = weight.detach().to(self.dtype).clone()
         if perm is not None:
             perm = torch.as_tensor(perm, device=device, dtype=torch.long)
-            if perm.shape != (d_in,) or not torch.equal(perm.sort().values, torch.arange(d_in, device=device)):
+            if perm.shape != (d_in,) or not torch.equal(
+                perm.sort().values, torch.arange(d_in, device=device)
+            ):
                 raise ValueError(f"{name}: perm must be a permutation of range({d_in})")
             w = w[:, perm]
             h = h[perm][:, perm]
             dead = dead[perm]
         w[:, dead] = 0
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{name}: the weight contains NaN or Inf; cannot prune it")
         hinv = self._hinv_upper(h, name)
 
         m = pattern.m
-        pruned = torch.zeros(d_out, d_in, dtype=torch.bool, device=device)
+        pruned = torch.ones(d_out, d_in, dtype=torch.bool, device=device)  # set to False where kept
         for i1 in range(0, d_in, self.blocksize):
             i2 = min(i1 + self.blocksize, d_in)
             count = i2 - i1
@@ -147,9 +157,11 @@ class SparseGPTPruner(Pruner):
                 d = d1[i]
                 if i % m == 0:
                     saliency = w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2).unsqueeze(0)
-                    pruned1[:, i : i + m] = ~nm_mask(saliency, pattern, name)
-                q = col.clone()
-                q[pruned1[:, i]] = 0
+                    # keep the N largest; a stable descending sort breaks ties towards the lower index
+                    # (no host sync here, unlike nm_mask's finiteness check: checked once below)
+                    order = torch.sort(saliency, dim=1, descending=True, stable=True).indices
+                    pruned1[:, i : i + m].scatter_(1, order[:, : pattern.n], False)
+                q = torch.where(pruned1[:, i], torch.zeros_like(col), col)
                 q1[:, i] = q
                 err = (col - q) / d
                 w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
@@ -157,6 +169,8 @@ class SparseGPTPruner(Pruner):
             w[:, i1:i2] = q1
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{name}: sparsegpt produced NaN/Inf weights (non-finite weight or Hessian?)")
         mask = ~pruned
         new_weight = torch.where(mask, w, torch.zeros_like(w)).to(weight.dtype)
         if perm is not None:
