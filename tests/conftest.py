@@ -29,11 +29,11 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictCon
 
 
 TINY_LM = ["model=tiny_llama", "dataset=tiny_text", "calibration.samples=4", "calibration.batch_size=2",
-           "eval.batch_size=2", "perm.train_samples=8", "perm.val_samples=2", "perm.batch_size=2",
-           "perm.groups=2", "logger=none", "progress=false"]
+           "eval.batch_size=2", "learning.train_samples=8", "learning.val_samples=2", "learning.batch_size=2",
+           "logger=none", "progress=false"]
 TINY_VIT = ["model=tiny_vit", "dataset=digits", "calibration.samples=32", "calibration.batch_size=16",
-            "eval.batch_size=256", "perm.train_samples=64", "perm.val_samples=32", "perm.batch_size=16",
-            "perm.groups=2", "logger=none", "progress=false"]
+            "eval.batch_size=256", "learning.train_samples=64", "learning.val_samples=32", "learning.batch_size=16",
+            "logger=none", "progress=false"]
 
 
 @pytest.fixture

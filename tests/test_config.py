@@ -51,7 +51,7 @@ def test_every_model_matches_a_dataset_of_its_task():
         (["model=tiny_vit"], "is a image_classification model but dataset=shakespeare"),
         (["calibration.samples=0"], "calibration.samples=0 is invalid"),
         (["perm.groups=-1"], "perm.groups=-1 is invalid"),
-        (["perm.max_steps=0"], "trains nothing"),
+        (["learning.max_steps=0"], "trains nothing"),
         (["perm.mode=medium"], "perm.mode='medium' is invalid; choose hard or soft"),
         (["perm.tau_end=0"], "temperatures must be > 0"),
         (["calibration.sequential=true"], "not supported with perm=learned"),

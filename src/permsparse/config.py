@@ -53,15 +53,15 @@ def validate_config(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.batch_size")
     if cfg.perm.get("learned"):
         _positive_int(cfg, "perm.groups")
-        _positive_int(cfg, "perm.train_samples")
-        _positive_int(cfg, "perm.val_samples")
-        _positive_int(cfg, "perm.batch_size")
+        _positive_int(cfg, "learning.train_samples")
+        _positive_int(cfg, "learning.val_samples")
+        _positive_int(cfg, "learning.batch_size")
         _positive_int(cfg, "perm.sinkhorn_iters")
-        epochs, steps = _require(cfg, "perm.max_epochs"), _require(cfg, "perm.max_steps")
+        epochs, steps = _require(cfg, "learning.max_epochs"), _require(cfg, "learning.max_steps")
         if steps == 0 or (epochs is not None and epochs < 1 and steps in (-1, None)):
             raise ConfigError(
-                f"perm=learned with perm.max_epochs={epochs} and perm.max_steps={steps} trains nothing; "
-                "set perm.max_epochs >= 1 or perm.max_steps >= 1"
+                f"perm=learned with learning.max_epochs={epochs} and learning.max_steps={steps} trains nothing; "
+                "set learning.max_epochs >= 1 or learning.max_steps >= 1"
             )
         if cfg.perm.mode not in {"hard", "soft"}:
             raise ConfigError(f"perm.mode={cfg.perm.mode!r} is invalid; choose hard or soft")

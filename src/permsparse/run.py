@@ -131,15 +131,15 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     )
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
     trainer_kwargs: dict[str, Any] = {
-        "max_epochs": perm_cfg.max_epochs,
-        "max_steps": perm_cfg.max_steps,
+        "max_epochs": cfg.learning.max_epochs,
+        "max_steps": cfg.learning.max_steps,
         "callbacks": [callback, checkpoint],
         "logger": logger if logger is not None else False,
         "default_root_dir": str(out_dir),
         "enable_progress_bar": bool(cfg.progress),
     }
-    if perm_cfg.val_every_n_steps:
-        trainer_kwargs["val_check_interval"] = int(perm_cfg.val_every_n_steps)
+    if cfg.learning.val_every_n_steps:
+        trainer_kwargs["val_check_interval"] = int(cfg.learning.val_every_n_steps)
         trainer_kwargs["check_val_every_n_epoch"] = None
     trainer = instantiate(cfg.trainer, **trainer_kwargs)
     ckpt_path = None
@@ -147,13 +147,14 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         ckpt_path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint at {ckpt_path}")
-    seq_len = perm_cfg.get("seq_len")
-    trainer.fit(
-        module,
-        train_dataloaders=datamodule.train_dataloader(perm_cfg.train_samples, perm_cfg.batch_size, seq_len),
-        val_dataloaders=datamodule.val_dataloader(perm_cfg.val_samples, perm_cfg.batch_size, seq_len),
-        ckpt_path=str(ckpt_path) if ckpt_path else None,
-    )
+    seq_len = cfg.learning.get("seq_len")
+    train_loader = datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len)
+    val_loader = datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len)
+    if ckpt_path is None:
+        # Score the starting permutation too, so the kept (best-by-validation) one is never worse than it.
+        trainer.validate(module, val_loader, verbose=False)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                ckpt_path=str(ckpt_path) if ckpt_path else None)
     perms = callback.final_perms
     module.permutations.detach_model()  # dense weights back in place; masks are applied by prune_model
     summary = {"best_val_loss": callback.best_loss, "history": callback.history,

@@ -113,7 +113,7 @@ class TextDataModule(pl.LightningDataModule):
             self._ids = {"train": split.train[: len(split.train) - n_val], "val": split.train[len(split.train) - n_val:],
                          "eval": split.eval}
             if self.second_domain:
-                self._ids["second"] = text.load_token_split(self.second_domain, self.tokenizer, eval_only=True).eval
+                self._ids["second"] = text.load_token_split(self.second_domain, self.tokenizer).eval
         return self._ids
 
     def _windows(self, split: str, n: int, seq_len: int | None, seed_offset: int) -> Tensor:

@@ -1,0 +1,1 @@
+"""Evaluation helpers: reading results and offline W&B runs."""
