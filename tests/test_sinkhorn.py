@@ -146,3 +146,40 @@ def test_temperature_schedule_runs_from_start_to_end(kind):
     assert all(a >= b for a, b in zip(values, values[1:]))
     with pytest.raises(ValueError, match="unknown temperature schedule"):
         TemperatureSchedule(kind="step")
+
+
+def test_hungarian_shortcut_agrees_with_scipy_on_near_permutation_matrices():
+    from scipy.optimize import linear_sum_assignment
+
+    gen = torch.Generator().manual_seed(3)
+    target = torch.stack([torch.randperm(12, generator=gen) for _ in range(5)])
+    mats = perm_to_matrix(target, torch.float64) + 0.3 * torch.rand(5, 12, 12, generator=gen, dtype=torch.float64)
+    mats[0] = torch.rand(12, 12, generator=gen, dtype=torch.float64)  # no shortcut for this one
+    for maximize in (True, False):
+        perm = hungarian(mats if maximize else -mats, maximize=maximize)
+        for k in range(5):
+            rows, cols = linear_sum_assignment(mats[k].numpy(), maximize=True)
+            best = mats[k].numpy()[rows, cols].sum()
+            assert float(mats[k][perm[k], torch.arange(12)].sum()) == pytest.approx(best)
+
+
+def test_incremental_mask_update_equals_full_recompute():
+    from permsparse.models.tiny import tiny_llama
+    from permsparse.permutation.learned import LearnedPermutations
+    from permsparse.sparsity.pruners import MagnitudePruner
+
+    model = tiny_llama(seed=0)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4).attach()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        perms = {}
+        for name in learned.group_names:
+            d_in = learned.costs[name.replace(".", "__")].d_in
+            local = torch.stack([torch.randperm(d_in // 4, generator=gen) for _ in range(4)])
+            local[:2] = torch.arange(d_in // 4)  # half the groups keep their channels
+            perms[name] = block_to_global(local)
+        learned.set_permutations(perms)
+        for name, state in learned._states.items():
+            for linear, score in state.scores.items():
+                assert torch.equal(state.masks[linear], nm_mask(score[:, perms[name]], "2:4"))
+    learned.detach_model()

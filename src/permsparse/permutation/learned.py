@@ -172,11 +172,19 @@ class LearnedPermutations(nn.Module):
     def _set(self, state: _GroupState, p: Tensor, perm: Tensor, soft: bool = False) -> None:
         # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
-        if soft or state.perm is None or not torch.equal(state.perm, perm) or not state.masks:
+        if soft or state.perm is None or not state.masks:
             for name, score in state.scores.items():
                 permuted = block_permute_scores(score, p.to(score.device)) if soft else score[:, perm.to(score.device)]
                 state.masks[name] = nm_mask(permuted, self.pattern, name)
-            state.perm = perm
+        elif not torch.equal(state.perm, perm):
+            # Only the M-column blocks whose channels changed get a new mask (masks are per block).
+            m = self.pattern.m
+            blocks = (perm != state.perm).reshape(-1, m).any(-1).nonzero().squeeze(1)
+            cols = (blocks.unsqueeze(1) * m + torch.arange(m, device=blocks.device)).reshape(-1)
+            for name, score in state.scores.items():
+                cols_d = cols.to(score.device)
+                state.masks[name][:, cols_d] = nm_mask(score[:, perm.to(score.device)[cols_d]], self.pattern, name)
+        state.perm = perm
         state.p = p
 
     @torch.no_grad()
