@@ -183,3 +183,28 @@ def test_incremental_mask_update_equals_full_recompute():
             for linear, score in state.scores.items():
                 assert torch.equal(state.masks[linear], nm_mask(score[:, perms[name]], "2:4"))
     learned.detach_model()
+
+
+@pytest.mark.parametrize("shape,groups", [((12, 16), 4), ((40, 48), 2)])
+def test_hard_masked_weight_matches_the_dense_block_products_in_value_and_gradient(shape, groups):
+    from permsparse.permutation.apply import hard_permuted_masked_weight
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen)
+    size = shape[1] // groups
+    cost = torch.randn(groups, size, size, generator=gen, requires_grad=True)
+    upstream = torch.randn(*shape, generator=gen)
+    local = hungarian(sinkhorn(cost.detach(), 0.5, 10))
+    perm = block_to_global(local)
+    mask = nm_mask(w.abs()[:, perm], "2:4")
+    grads, values = [], []
+    for fn in (lambda p: permuted_masked_weight(w, p, mask), lambda p: hard_permuted_masked_weight(w, p, perm, mask)):
+        p = straight_through(perm_to_matrix(local), sinkhorn(cost, 0.5, 10))
+        out = fn(p)
+        (out * upstream).sum().backward()
+        values.append(out.detach())
+        grads.append(cost.grad.clone())
+        cost.grad = None
+    assert torch.allclose(values[0], values[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert grads[0].abs().sum() > 0

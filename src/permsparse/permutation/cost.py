@@ -26,7 +26,7 @@ class LearnableCost(nn.Module):
         init: ``"identity"`` (cost ``-I`` + noise, so the first hard permutation is the identity) or
             a permutation tensor ``(d_in,)`` to start from (e.g. the RIA heuristic's).
         init_scale: magnitude of the ``-I`` (or ``-P_init``) term before normalisation.
-        noise: std of the Gaussian noise added at initialisation (breaks symmetry).
+        noise: std of the Gaussian noise added at initialisation, relative to ``init_scale`` (breaks symmetry).
         normalize: standardise each ``g x g`` block (mean 0, std 1) before Sinkhorn.
         seed: seed of the initial noise.
     """
@@ -55,7 +55,8 @@ class LearnableCost(nn.Module):
             target = torch.eye(g).expand(groups, g, g)
         else:
             target = perm_to_matrix(global_to_block(init.long().cpu(), groups))
-        raw = -init_scale * target + noise * torch.randn(groups, g, g, generator=gen)
+        # Noise relative to the scale, so the first hard permutation is ``target`` whatever init_scale is.
+        raw = init_scale * (-target + noise * torch.randn(groups, g, g, generator=gen))
         self.raw = nn.Parameter(raw.contiguous())
 
     def cost(self) -> Tensor:

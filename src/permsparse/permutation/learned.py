@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
-from permsparse.permutation.apply import block_permute_scores, permuted_masked_weight
+from permsparse.permutation.apply import block_permute_scores, hard_permuted_masked_weight, permuted_masked_weight
 from permsparse.permutation.base import block_to_global
 from permsparse.permutation.cost import LearnableCost
 from permsparse.sparsity.base import LayerStats, Pruner
@@ -41,6 +41,7 @@ class _GroupState:
         self.p: Tensor | None = None  # (G, g, g) matrix used in the forward pass
         self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order
         self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
+        self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
 
 
 class _MaskedWeight(nn.Module):
@@ -58,7 +59,10 @@ class _MaskedWeight(nn.Module):
         if not self._owner.enabled or state.p is None:
             return weight
         p = state.p.to(weight.dtype)
-        return permuted_masked_weight(weight, p, state.masks[self.linear_name])
+        mask = state.masks[self.linear_name]
+        if state.soft:
+            return permuted_masked_weight(weight, p, mask)
+        return hard_permuted_masked_weight(weight, p, state.perm.to(weight.device), mask)
 
 
 class LearnedPermutations(nn.Module):
@@ -186,6 +190,7 @@ class LearnedPermutations(nn.Module):
                 state.masks[name][:, cols_d] = nm_mask(score[:, perm.to(score.device)[cols_d]], self.pattern, name)
         state.perm = perm
         state.p = p
+        state.soft = soft
 
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
