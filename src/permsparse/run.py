@@ -239,6 +239,12 @@ def train(cfg: DictConfig) -> dict:
         metrics["pruned"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
 
     atomic_torch_save(report.perms, out_dir / "perms.pt")
+    pruned_file = None
+    if cfg.get("save_pruned", True):
+        from permsparse.export import save_pruned_state
+
+        save_pruned_state(model, out_dir)  # pruned.safetensors, so that `python -m permsparse.export <run>` works
+        pruned_file = "pruned.safetensors"
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model": cfg.model.name,
@@ -257,6 +263,7 @@ def train(cfg: DictConfig) -> dict:
         "learning": learn_summary,
         "timings": timer.seconds,
         "permutations_file": "perms.pt",
+        "pruned_file": pruned_file,
     }
     atomic_write_json(out_dir / "results.json", results)
     if logger is not None:

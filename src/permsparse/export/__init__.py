@@ -1,0 +1,80 @@
+"""Deployment (METHOD.md section 6): fold permutations into weights, runtime gathers, save, verify, 2:4 kernels.
+
+Primary API: ``export_model(model, report.perms, pattern, out_dir)`` on a model pruned by ``prune_model``;
+``load_exported(out_dir)`` rebuilds it; ``export_run(run_dir)`` (``python -m permsparse.export <run dir>``)
+exports a finished run folder. ``fold_model`` does the folding in memory; ``to_semi_structured`` turns the
+deployed 2:4 linears into PyTorch's semi-structured sparse tensors on Ampere+ GPUs.
+
+Not implemented yet (future work): one global residual-stream permutation that would also fold the
+``q,k,v``/``qkv``, ``gate,up`` and ``fc1`` permutations; today those layers get a runtime gather.
+"""
+
+from permsparse.export.export import (
+    EXPORT_FAMILIES,
+    PRUNED_STATE,
+    REFERENCE,
+    SIDECAR,
+    ExportFamily,
+    ExportResult,
+    ExportVerificationError,
+    example_inputs,
+    export_model,
+    export_run,
+    instantiate_node,
+    load_exported,
+    load_pruned_state,
+    model_outputs,
+    register_export_family,
+    save_pruned_state,
+    verify_outputs,
+)
+from permsparse.export.fold import (
+    FoldReport,
+    GroupFold,
+    check_deployed_nm,
+    check_pruned_nm,
+    expand_kv_head_perms,
+    fold_model,
+    is_foldable,
+    kv_head_perms,
+    plan_fold,
+    restrict_to_heads,
+)
+from permsparse.export.gather import PermutedLinear, find_gathers, insert_gather, remove_gather
+from permsparse.export.kernels import semi_structured_support, to_semi_structured
+
+__all__ = [
+    "EXPORT_FAMILIES",
+    "PRUNED_STATE",
+    "REFERENCE",
+    "SIDECAR",
+    "ExportFamily",
+    "ExportResult",
+    "ExportVerificationError",
+    "FoldReport",
+    "GroupFold",
+    "PermutedLinear",
+    "check_deployed_nm",
+    "check_pruned_nm",
+    "example_inputs",
+    "expand_kv_head_perms",
+    "export_model",
+    "export_run",
+    "find_gathers",
+    "fold_model",
+    "insert_gather",
+    "instantiate_node",
+    "is_foldable",
+    "kv_head_perms",
+    "load_exported",
+    "load_pruned_state",
+    "model_outputs",
+    "plan_fold",
+    "register_export_family",
+    "remove_gather",
+    "restrict_to_heads",
+    "save_pruned_state",
+    "semi_structured_support",
+    "to_semi_structured",
+    "verify_outputs",
+]

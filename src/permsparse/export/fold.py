@@ -1,0 +1,380 @@
+"""Fold learned input permutations into the weights: the deployed model stores ``W[:, perm]`` (truly N:M).
+
+``prune_model`` leaves every linear in its original channel order, masked as ``W * M'[:, argsort(p)]``
+(METHOD.md section 3). Deployment needs the real reorder (section 6): every bound linear stores
+``W[:, p]`` and must *receive* ``x[..., p]``. Per binding group that input is produced
+
+* by the output rows of other linears through an elementwise function (``down`` after ``gate``/``up``,
+  ``fc2`` after ``fc1``): permute those rows (and biases) by ``p`` -- exact and free (**folded**);
+* by attention (``o``/``proj``): permute the value rows of ``v`` -- exact only if ``p`` maps every head's
+  ``head_dim`` block onto itself and, with grouped-query attention, identically for the query heads that
+  share one kv head (**folded** into ``v`` rows), else a runtime gather;
+* by the normalised residual stream (``q,k,v``/``qkv``, ``gate,up``, ``fc1``): a runtime gather
+  (:class:`~permsparse.export.gather.PermutedLinear`). Folding those needs one global residual-stream
+  permutation (embeddings, every norm, every residual writer, ``lm_head``): future work, not done here.
+
+A group whose permutation is the identity needs neither. Row and column permutations of one weight
+compose: e.g. a ViT ``qkv`` stores ``W[rows][:, p_qkv]`` with ``rows`` permuting its v part by ``p_proj``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from permsparse.export.gather import insert_gather
+from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
+from permsparse.permutation.base import invert, is_permutation
+from permsparse.sparsity.nm import NMPattern, check_nm
+
+__all__ = [
+    "GroupFold",
+    "FoldReport",
+    "is_foldable",
+    "kv_head_perms",
+    "restrict_to_heads",
+    "expand_kv_head_perms",
+    "plan_fold",
+    "fold_model",
+    "check_pruned_nm",
+    "check_deployed_nm",
+]
+
+IDENTITY, FOLDED, GATHERED = "identity", "folded", "gathered"
+
+RESIDUAL_REASON = (
+    "input is the normalised residual stream: folding needs one global residual-stream permutation "
+    "(not implemented); a runtime gather is inserted"
+)
+
+
+@dataclass
+class GroupFold:
+    """What export does with one binding group's permutation.
+
+    Attributes:
+        mode: ``"identity"`` (nothing to do), ``"folded"`` (into ``into``'s output rows) or ``"gathered"``
+            (a runtime ``index_select`` before every linear of the group).
+        reason: one line saying why.
+        into: producer modules whose output rows absorb the permutation (``folded`` only).
+    """
+
+    name: str
+    kind: str
+    linears: list[str]
+    perm: Tensor
+    mode: str
+    reason: str
+    into: list[str] = field(default_factory=list)
+
+    def to_dict(self, include_perm: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "linears": list(self.linears), "mode": self.mode,
+                               "folded": self.mode != GATHERED, "reason": self.reason, "into": list(self.into)}
+        if include_perm:
+            out["perm"] = [int(i) for i in self.perm.tolist()]
+        return out
+
+
+@dataclass
+class FoldReport:
+    """Per-group decisions of :func:`fold_model` (in the spec's forward order)."""
+
+    pattern: NMPattern
+    groups: list[GroupFold] = field(default_factory=list)
+
+    def by_mode(self, mode: str) -> list[GroupFold]:
+        return [g for g in self.groups if g.mode == mode]
+
+    @property
+    def gathers(self) -> dict[str, Tensor]:
+        """Gathered linear name -> its input permutation."""
+        return {name: g.perm for g in self.by_mode(GATHERED) for name in g.linears}
+
+    def counts(self) -> dict[str, int]:
+        """Number of groups and of linears per mode (``{"folded": .., "folded_linears": .., ...}``)."""
+        out: dict[str, int] = {}
+        for mode in (IDENTITY, FOLDED, GATHERED):
+            groups = self.by_mode(mode)
+            out[mode] = len(groups)
+            out[f"{mode}_linears"] = sum(len(g.linears) for g in groups)
+        return out
+
+    def to_dict(self, include_perm: bool = True) -> dict[str, Any]:
+        return {"pattern": str(self.pattern), "counts": self.counts(),
+                "groups": {g.name: g.to_dict(include_perm) for g in self.groups}}
+
+    def summary(self) -> str:
+        """A human-readable table: one line per group."""
+        width = max((len(g.name) for g in self.groups), default=4) + 2
+        lines = [f"{'group':<{width}}{'mode':<11}reason"]
+        lines += [f"{g.name:<{width}}{g.mode:<11}{g.reason}" for g in self.groups]
+        c = self.counts()
+        lines.append(f"{c[FOLDED]} folded, {c[GATHERED]} gathered, {c[IDENTITY]} identity "
+                     f"({c[FOLDED + '_linears']}/{c[GATHERED + '_linears']}/{c[IDENTITY + '_linears']} linears)")
+        return "\n".join(lines)
+
+
+def _as_perm(perm: Tensor | Any) -> Tensor:
+    return torch.as_tensor(perm).detach().long().reshape(-1).cpu()
+
+
+def _head_layout(group: BindingGroup) -> tuple[int, int, int]:
+    p = group.producer
+    return int(p["head_dim"]), int(p["num_heads"]), int(p.get("num_kv_heads") or p["num_heads"])
+
+
+def kv_head_perms(perm: Tensor, head_dim: int, num_heads: int, num_kv_heads: int) -> tuple[Tensor | None, str]:
+    """The per-kv-head permutations ``(num_kv_heads, head_dim)`` of an attention output permutation, if any.
+
+    ``perm`` permutes the ``num_heads * head_dim`` input channels of ``o``/``proj``. It can be folded into
+    ``v``'s rows iff every query head's block maps onto itself and the query heads sharing one kv head
+    (``h // (num_heads // num_kv_heads)``) use the same local permutation. Returns ``(local, "")`` then,
+    else ``(None, why)``.
+    """
+    perm = _as_perm(perm)
+    if num_heads % num_kv_heads:
+        return None, f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+    if perm.numel() != num_heads * head_dim:
+        return None, f"permutation has {perm.numel()} channels, heads give {num_heads} x {head_dim}"
+    local = perm.reshape(num_heads, head_dim) - torch.arange(num_heads).unsqueeze(1) * head_dim
+    crossing = ((local < 0) | (local >= head_dim)).any(dim=1)
+    if crossing.any():
+        heads = crossing.nonzero().flatten().tolist()
+        return None, (f"permutation crosses heads (query heads {heads[:8]}{'...' if len(heads) > 8 else ''} "
+                      f"take channels of other heads; head_dim={head_dim})")
+    rep = num_heads // num_kv_heads
+    grouped = local.reshape(num_kv_heads, rep, head_dim)
+    differ = (grouped != grouped[:, :1]).any(dim=2).any(dim=1)
+    if differ.any():
+        kv = differ.nonzero().flatten().tolist()
+        return None, (f"within-head permutation differs across the {rep} query heads sharing kv head(s) "
+                      f"{kv[:8]} (grouped-query attention: they read the same v rows)")
+    return grouped[:, 0].clone(), ""
+
+
+def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
+    """Whether ``group``'s input permutation can be folded into its producer, and why (one line).
+
+    Residual-stream groups are never foldable here (that needs one global residual-stream permutation);
+    ``rows`` producers always are; ``v_rows`` (attention output) only within heads, identical across the
+    query heads of one kv head. The identity is trivially foldable.
+    """
+    perm = _as_perm(perm)
+    if torch.equal(perm, torch.arange(perm.numel())):
+        return True, "identity permutation: nothing to fold or gather"
+    ptype = group.producer.get("type", "none")
+    if ptype == "residual":
+        return False, RESIDUAL_REASON
+    if ptype == "rows":
+        mods = ", ".join(m.rsplit(".", 1)[-1] for m in group.producer["modules"])
+        return True, f"folded into the output rows of {mods} (elementwise function in between)"
+    if ptype == "v_rows":
+        local, why = kv_head_perms(perm, *_head_layout(group))
+        if local is None:
+            return False, f"{why}; a runtime gather is needed"
+        return True, f"within-head permutation folded into the value rows of {group.producer['module'].rsplit('.', 1)[-1]}"
+    return False, f"producer type {ptype!r}: the input is not produced by foldable rows; a runtime gather is needed"
+
+
+def restrict_to_heads(perm: Tensor, head_dim: int, num_heads: int, num_kv_heads: int | None = None) -> Tensor:
+    """The foldable permutation closest in spirit to ``perm``: within heads, identical across GQA query heads.
+
+    For kv head ``j`` the local order is the order in which ``perm`` places the channels of the first query
+    head of that kv group (``h0 = j * num_heads // num_kv_heads``); every query head of the group gets it.
+    Idempotent, and the identity on permutations that are already foldable (modulo GQA ties, where the
+    first query head wins). Masks must be recomputed for the returned permutation. This is the hook a
+    ``perm.foldable=true`` option can use; a learned method can instead tie its costs per kv head and
+    build the permutation with :func:`expand_kv_head_perms`.
+    """
+    perm = _as_perm(perm)
+    num_kv_heads = num_kv_heads or num_heads
+    if perm.numel() != num_heads * head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"cannot restrict a permutation of {perm.numel()} channels to {num_heads} heads x "
+                         f"{head_dim} (kv heads {num_kv_heads})")
+    rep = num_heads // num_kv_heads
+    position = invert(perm)
+    local = torch.stack([
+        torch.argsort(position[j * rep * head_dim:(j * rep + 1) * head_dim], stable=True)
+        for j in range(num_kv_heads)
+    ])
+    return expand_kv_head_perms(local, num_heads)
+
+
+def expand_kv_head_perms(local: Tensor, num_heads: int) -> Tensor:
+    """``(num_kv_heads, head_dim)`` local permutations -> the ``(num_heads * head_dim,)`` foldable permutation."""
+    local = torch.as_tensor(local).long()
+    num_kv_heads, head_dim = local.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    per_head = local.repeat_interleave(num_heads // num_kv_heads, dim=0)
+    return (per_head + torch.arange(num_heads).unsqueeze(1) * head_dim).reshape(-1)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{name}: expected an nn.Linear, got {type(module).__name__}")
+    return module
+
+
+def _checked_perms(model: nn.Module, groups: list[BindingGroup], perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    names = {g.name for g in groups}
+    unknown = sorted(set(perms) - names)
+    if unknown:
+        raise ValueError(f"permutations given for unknown binding groups {unknown[:5]}; this model has {len(names)}")
+    out = {}
+    for group in groups:
+        if group.name not in perms:
+            raise ValueError(f"no permutation given for binding group {group.name!r}")
+        perm = _as_perm(perms[group.name])
+        d_in = _linear(model, group.linears[0]).in_features
+        if not is_permutation(perm, d_in):
+            raise ValueError(f"{group.name}: permutation is not a bijection of range({d_in})")
+        out[group.name] = perm
+    return out
+
+
+def plan_fold(model: nn.Module, perms: Mapping[str, Tensor], spec: BindingSpec | None = None,
+              require_foldable: bool = False) -> list[GroupFold]:
+    """Decide, without touching ``model``, what happens to every group: identity, folded or gathered.
+
+    With ``require_foldable`` a group whose input comes from a producer that *could* absorb it (``o``/``proj``
+    via ``v`` rows, ``down``/``fc2`` via rows) but cannot for this permutation is refused with a
+    ``ValueError`` naming the group and the reason; residual-stream groups are still gathered.
+    """
+    spec = spec or get_spec(model)
+    groups = spec.groups(model)
+    checked = _checked_perms(model, groups, perms)
+    plan = []
+    for group in groups:
+        perm = checked[group.name]
+        ok, reason = is_foldable(group, perm)
+        ptype = group.producer.get("type", "none")
+        into: list[str] = []
+        if torch.equal(perm, torch.arange(perm.numel())):
+            mode = IDENTITY
+        elif ok:
+            into = list(group.producer["modules"]) if ptype == "rows" else [group.producer["module"]]
+            mismatch = [m for m in into if ptype == "rows" and _linear(model, m).out_features != perm.numel()]
+            if mismatch:
+                ok, reason = False, (f"producer rows of {mismatch} ({_linear(model, mismatch[0]).out_features}) do not "
+                                     f"match the {perm.numel()} input channels (not an elementwise link); "
+                                     "a runtime gather is needed")
+                into = []
+            mode = FOLDED if ok else GATHERED
+        else:
+            mode = GATHERED
+        if mode == GATHERED and require_foldable and ptype != "residual":
+            raise ValueError(f"{group.name}: permutation of {group.kind!r} is not foldable ({reason}); "
+                             "require_foldable=True refuses runtime gathers here. Restrict the permutation to "
+                             "within-head blocks identical across the query heads of each kv head "
+                             "(permsparse.export.restrict_to_heads) and recompute the masks")
+        plan.append(GroupFold(group.name, group.kind, list(group.linears), perm, mode, reason, into))
+    return plan
+
+
+def _row_perms(model: nn.Module, spec: BindingSpec, plan: list[GroupFold]) -> dict[str, Tensor]:
+    """Output-row permutation of every producer linear that absorbs a folded group."""
+    groups = {g.name: g for g in spec.groups(model)}
+    rows: dict[str, Tensor] = {}
+    for fold in plan:
+        if fold.mode != FOLDED:
+            continue
+        producer = groups[fold.name].producer
+        for name in fold.into:
+            if name in rows:
+                raise ValueError(f"{name} would absorb two permutations (second from {fold.name}); binding spec bug")
+            out_features = _linear(model, name).out_features
+            if producer["type"] == "rows":
+                rows[name] = fold.perm
+            else:  # v_rows: permute the value rows of every kv head by its local permutation
+                head_dim, num_heads, num_kv_heads = _head_layout(groups[fold.name])
+                local, _ = kv_head_perms(fold.perm, head_dim, num_heads, num_kv_heads)
+                assert local is not None  # plan_fold only folds foldable permutations
+                start, stop = (int(i) for i in producer["rows"])
+                if stop - start != num_kv_heads * head_dim:
+                    raise ValueError(f"{fold.name}: v rows {start}..{stop} do not hold {num_kv_heads} x {head_dim}")
+                full = torch.arange(out_features)
+                full[start:stop] = start + expand_kv_head_perms(local, num_kv_heads)
+                rows[name] = full
+    return rows
+
+
+def check_pruned_nm(model: nn.Module, perms: Mapping[str, Tensor], pattern: NMPattern | str,
+                    spec: BindingSpec | None = None) -> None:
+    """Check that an original-order pruned model is N:M once permuted: ``W[:, perm]`` for every bound linear.
+
+    Catches a model/permutation mismatch (perms of another run, an unpruned model) before folding.
+    """
+    pattern = NMPattern.parse(pattern)
+    spec = spec or get_spec(model)
+    for group in spec.groups(model):
+        perm = _as_perm(perms[group.name])
+        for name in group.linears:
+            weight = _linear(model, name).weight.detach()
+            try:
+                check_nm(weight[:, perm.to(weight.device)], pattern, name)
+            except ValueError as e:
+                raise ValueError(f"{e}. The model is not {pattern}-pruned under the permutation of {group.name}: "
+                                 "pass the model pruned by prune_model together with its report.perms") from e
+
+
+def check_deployed_nm(model: nn.Module, pattern: NMPattern | str, names: list[str] | None = None,
+                      spec: BindingSpec | None = None) -> None:
+    """Check that every bound linear of a deployed model is N:M *as stored* (``check_nm(weight)``)."""
+    pattern = NMPattern.parse(pattern)
+    if names is None:
+        spec = spec or get_spec(model)
+        names = [n for g in spec.groups(model) for n in g.linears]
+    for name in names:
+        check_nm(_linear(model, name).weight.detach(), pattern, name)
+
+
+@torch.no_grad()
+def fold_model(
+    model: nn.Module,
+    perms: Mapping[str, Tensor],
+    pattern: NMPattern | str,
+    spec: BindingSpec | None = None,
+    require_foldable: bool = False,
+    inplace: bool = False,
+) -> tuple[nn.Module, FoldReport]:
+    """The deployed model: every bound linear stores ``W[:, perm]`` (N:M in memory) and gets its input permuted.
+
+    ``model`` is pruned in original order by :func:`permsparse.prune.prune_model` and ``perms`` is its
+    ``report.perms``. Producer rows absorb the permutations they can (see the module docstring); the rest
+    get a :class:`~permsparse.export.gather.PermutedLinear`. The function is unchanged (up to float
+    summation order). ``inplace=False`` folds a deep copy and leaves ``model`` as it was.
+    """
+    pattern = NMPattern.parse(pattern)
+    spec = spec or get_spec(model)
+    plan = plan_fold(model, perms, spec, require_foldable)
+    check_pruned_nm(model, {f.name: f.perm for f in plan}, pattern, spec)
+    if not inplace:
+        model = copy.deepcopy(model)
+    rows = _row_perms(model, spec, plan)
+    cols = {name: f.perm for f in plan for name in f.linears}
+    for name in sorted(set(rows) | set(cols)):
+        linear = _linear(model, name)
+        weight = linear.weight
+        row = rows.get(name)
+        col = cols.get(name)
+        new = weight.detach()
+        if row is not None:
+            new = new[row.to(weight.device)]
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias.detach()[row.to(weight.device)])
+        if col is not None:
+            new = new[:, col.to(weight.device)]
+        weight.copy_(new)  # advanced indexing made ``new`` a copy, so this in-place write is safe
+    for fold in plan:
+        if fold.mode == GATHERED:
+            for name in fold.linears:
+                insert_gather(model, name, fold.perm)
+    check_deployed_nm(model, pattern, list(cols))
+    return model, FoldReport(pattern, plan)
