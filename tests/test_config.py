@@ -70,3 +70,10 @@ def test_missing_key_is_named():
         del cfg.sparsity.n
     with pytest.raises(ConfigError, match="sparsity.n is missing"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"], Path("/tmp/x"))
+    assert cfg.experiment_name == experiment
+    validate_config(cfg)
