@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--sinkhorn-iters", type=int, default=20)
+    parser.add_argument("--warm-iters", type=int, default=None,
+                        help="warm-start Sinkhorn with this many iterations (conf/perm/learned.yaml: 5)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -70,11 +72,11 @@ def main() -> None:
 
     def refresh_only() -> None:
         learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters)
+        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
 
     def machinery() -> None:
         learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters)
+        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
         total = 0.0
         for _, name in linears:
             total = total + (model.get_submodule(name).weight * upstream[name]).sum()
@@ -89,7 +91,7 @@ def main() -> None:
 
     def frozen_step() -> None:
         learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters)
+        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
 
@@ -97,7 +99,8 @@ def main() -> None:
     learned.detach_model()
     n_groups = len(learned.group_names)
     sizes = sorted({(c.groups, c.group_size) for c in (learned.costs[cost_key(g)] for g in learned.group_names)})
-    print(f"{n_groups} binding groups, cost blocks (G, g): {sizes}")
+    print(f"{n_groups} binding groups, cost blocks (G, g): {sizes}; Sinkhorn {args.sinkhorn_iters} iterations"
+          + (f", warm-started with {args.warm_iters}" if args.warm_iters else ", from scratch every step"))
     print(f"{'':<58}{'seconds':>10}{'/ model step':>15}")
     rows = [
         ("model forward+backward (weights require grad)", t_model),

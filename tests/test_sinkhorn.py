@@ -208,3 +208,27 @@ def test_hard_masked_weight_matches_the_dense_block_products_in_value_and_gradie
     assert torch.allclose(values[0], values[1], atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
     assert grads[0].abs().sum() > 0
+
+
+def test_warm_started_sinkhorn_converges_in_few_iterations_when_the_cost_moves_little():
+    from permsparse.permutation.sinkhorn import log_sinkhorn_warm
+
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.randn(4, 64, 64, generator=gen)
+    _, duals = log_sinkhorn_warm(cost, 0.5, 200)
+    moved = cost + 0.01 * torch.randn(4, 64, 64, generator=gen)
+    warm, _ = log_sinkhorn_warm(moved, 0.45, 3, duals)
+    cold, _ = log_sinkhorn_warm(moved, 0.45, 3, None)
+    reference = log_sinkhorn(moved, 0.45, 500)
+    assert doubly_stochastic_residual(warm.exp()) < 0.2 * doubly_stochastic_residual(cold.exp())
+    assert (warm.exp() - reference.exp()).abs().max() < (cold.exp() - reference.exp()).abs().max()
+
+
+def test_warm_started_cost_module_tracks_residual_and_is_finite_at_low_temperature():
+    cost = LearnableCost(32, groups=2, init_scale=0.05)
+    for tau in [1.0, 0.5, 0.1, 1e-3]:
+        p, perm = cost(tau, n_iters=20, warm_iters=3)
+        assert torch.isfinite(p).all() and is_permutation(perm, 16)
+        assert cost.last_residual == cost.last_residual  # not NaN
+    assert bool(cost.warm)
+    assert "row_potential" in cost.state_dict()

@@ -125,7 +125,8 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     )
     callback = PermutationLearning(
         pruner, pattern, stats, groups=perm_cfg.groups, tau_start=perm_cfg.tau_start, tau_end=perm_cfg.tau_end,
-        tau_schedule=perm_cfg.tau_schedule, sinkhorn_iters=perm_cfg.sinkhorn_iters, mode=perm_cfg.mode,
+        tau_schedule=perm_cfg.tau_schedule, sinkhorn_iters=perm_cfg.sinkhorn_iters,
+        warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
         normalize=perm_cfg.normalize, seed=cfg.seed,
     )

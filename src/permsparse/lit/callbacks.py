@@ -35,7 +35,8 @@ class PermutationLearning(pl.Callback):
         stats: calibration statistics per linear (collected once on the dense model).
         groups: channel groups per layer (G, the paper's default 4).
         tau_start, tau_end, tau_schedule: temperature annealing (exponential 1.0 -> 0.05 by default).
-        sinkhorn_iters: Sinkhorn iterations per step.
+        sinkhorn_iters: Sinkhorn iterations per step (the first step when warm-starting).
+        warm_iters: if set, warm-start Sinkhorn from the previous step's potentials with this many iterations.
         mode: ``"hard"`` (Hungarian + straight-through, default) or ``"soft"`` (the Sinkhorn matrix).
         gumbel_scale: scale of Gumbel noise on the cost during training (0 = none).
         init, init_scale, noise, normalize: see :class:`~permsparse.permutation.cost.LearnableCost`.
@@ -52,6 +53,7 @@ class PermutationLearning(pl.Callback):
         tau_end: float = 0.05,
         tau_schedule: str = "exponential",
         sinkhorn_iters: int = 20,
+        warm_iters: int | None = None,
         mode: str = "hard",
         gumbel_scale: float = 0.0,
         init: str | Mapping[str, Tensor] = "identity",
@@ -64,6 +66,7 @@ class PermutationLearning(pl.Callback):
             raise ValueError(f"perm.mode must be 'hard' or 'soft', got {mode!r}")
         self.pruner, self.pattern, self.stats = pruner, NMPattern.parse(pattern), stats
         self.groups, self.sinkhorn_iters, self.mode, self.gumbel_scale = groups, sinkhorn_iters, mode, gumbel_scale
+        self.warm_iters = warm_iters
         self.init, self.init_scale, self.noise, self.normalize, self.seed = init, init_scale, noise, normalize, seed
         self.schedule = TemperatureSchedule(tau_start, tau_end, 1, tau_schedule)
         self.best_loss = math.inf
@@ -94,9 +97,11 @@ class PermutationLearning(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         tau = self.tau(trainer.global_step)
-        pl_module.permutations.refresh(tau, hard=self.mode == "hard", n_iters=self.sinkhorn_iters,
-                                       gumbel_scale=self.gumbel_scale, generator=self._generator)
+        residual = pl_module.permutations.refresh(tau, hard=self.mode == "hard", n_iters=self.sinkhorn_iters,
+                                                  gumbel_scale=self.gumbel_scale, generator=self._generator,
+                                                  warm_iters=self.warm_iters)
         pl_module.log("perm/tau", tau)
+        pl_module.log("perm/sinkhorn_residual", residual)
 
     # -- validation: hardened permutations, keep the best ----------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

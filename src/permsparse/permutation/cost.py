@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from permsparse.permutation.base import block_to_global, global_to_block
 from permsparse.permutation.hungarian import hungarian, perm_to_matrix, straight_through
-from permsparse.permutation.sinkhorn import log_sinkhorn
+from permsparse.permutation.sinkhorn import doubly_stochastic_residual, log_sinkhorn, log_sinkhorn_warm
 
 __all__ = ["LearnableCost"]
 
@@ -58,6 +58,11 @@ class LearnableCost(nn.Module):
         # Noise relative to the scale, so the first hard permutation is ``target`` whatever init_scale is.
         raw = init_scale * (-target + noise * torch.randn(groups, g, g, generator=gen))
         self.raw = nn.Parameter(raw.contiguous())
+        # Sinkhorn dual potentials of the last call (cost units), for warm starts; checkpointed with the costs.
+        self.register_buffer("row_potential", torch.zeros(groups, g))
+        self.register_buffer("col_potential", torch.zeros(groups, g))
+        self.register_buffer("warm", torch.zeros((), dtype=torch.bool))
+        self.last_residual = float("nan")
 
     def cost(self) -> Tensor:
         """The (normalised) cost tensor ``(G, g, g)``."""
@@ -74,13 +79,28 @@ class LearnableCost(nn.Module):
         hard: bool = True,
         gumbel_scale: float = 0.0,
         generator: torch.Generator | None = None,
+        warm_iters: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return ``(P, perm)``: the ``(G, g, g)`` matrix used in the forward pass and the hard ``(G, g)``.
 
         ``hard=True``: ``P`` equals the Hungarian hardening of the Sinkhorn matrix in value and carries
         the Sinkhorn gradient (straight-through). ``hard=False``: ``P`` is the Sinkhorn matrix itself.
+        ``warm_iters``: if set, start Sinkhorn from the previous call's potentials and run that many
+        iterations (the first call still runs ``n_iters`` from scratch). The doubly-stochastic residual
+        of the result is kept in ``last_residual``.
         """
-        soft = log_sinkhorn(self.cost(), tau, n_iters, gumbel_scale, generator).exp()
+        cost = self.cost()
+        if warm_iters is None:
+            log_p = log_sinkhorn(cost, tau, n_iters, gumbel_scale, generator)
+        else:
+            start = (self.row_potential, self.col_potential) if bool(self.warm) else None
+            log_p, (f, g) = log_sinkhorn_warm(cost, tau, warm_iters if start is not None else n_iters, start,
+                                              gumbel_scale, generator)
+            self.row_potential.copy_(f)
+            self.col_potential.copy_(g)
+            self.warm.fill_(True)
+        soft = log_p.exp()
+        self.last_residual = float(doubly_stochastic_residual(soft.detach()))
         perm = hungarian(soft.detach(), maximize=True)
         if not hard:
             return soft, perm

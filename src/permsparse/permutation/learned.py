@@ -155,12 +155,18 @@ class LearnedPermutations(nn.Module):
 
     # -- per step -------------------------------------------------------------------------------
     def refresh(self, tau: float, hard: bool = True, n_iters: int = 20, gumbel_scale: float = 0.0,
-                generator: torch.Generator | None = None) -> None:
-        """Recompute every group's ``P`` (with gradient to the costs) and its N:M masks (constants)."""
+                generator: torch.Generator | None = None, warm_iters: int | None = None) -> float:
+        """Recompute every group's ``P`` (with gradient to the costs) and its N:M masks (constants).
+
+        Returns the largest doubly-stochastic residual of the Sinkhorn matrices (a convergence check).
+        """
+        residual = 0.0
         for group_name, state in self._states.items():
             cost = self.costs[cost_key(group_name)]
-            p, local = cost(tau, n_iters, hard, gumbel_scale, generator)
+            p, local = cost(tau, n_iters, hard, gumbel_scale, generator, warm_iters)
+            residual = max(residual, cost.last_residual)
             self._set(state, p, block_to_global(local), soft=not hard)
+        return residual
 
     @torch.no_grad()
     def set_permutations(self, perms: Mapping[str, Tensor]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["log_sinkhorn", "sinkhorn", "sample_gumbel", "doubly_stochastic_residual"]
+__all__ = ["log_sinkhorn", "log_sinkhorn_warm", "sinkhorn", "sample_gumbel", "doubly_stochastic_residual"]
 
 
 def sample_gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
@@ -50,6 +50,45 @@ def log_sinkhorn(
         log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-1, keepdim=True)
         log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-2, keepdim=True)
     return log_alpha
+
+
+def log_sinkhorn_warm(
+    cost: Tensor,
+    tau: float,
+    n_iters: int,
+    potentials: tuple[Tensor, Tensor] | None = None,
+    gumbel_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Log-domain Sinkhorn started from dual potentials, returning the new ones.
+
+    ``potentials = (f, g)`` with shapes ``(..., g)`` are in cost units (independent of ``tau``): the
+    scaling starts from ``-C / tau + f_i / tau + g_j / tau``, which is already nearly doubly stochastic
+    when the cost and temperature moved little since the last call, so a few iterations suffice.
+    Gradients flow through this call's iterations only (the incoming potentials are constants).
+    """
+    if cost.shape[-1] != cost.shape[-2]:
+        raise ValueError(f"Sinkhorn needs square cost matrices, got shape {tuple(cost.shape)}")
+    if tau <= 0:
+        raise ValueError(f"Sinkhorn temperature must be > 0, got tau={tau}")
+    log_alpha = -cost / tau
+    if gumbel_scale > 0:
+        noise = sample_gumbel(cost.shape, generator=generator, device=cost.device, dtype=cost.dtype)
+        log_alpha = log_alpha + gumbel_scale * noise / tau
+    if potentials is None:
+        f = torch.zeros(cost.shape[:-1], dtype=cost.dtype, device=cost.device)
+        g = torch.zeros_like(f)
+    else:
+        f, g = (p.to(cost.dtype) / tau for p in potentials)
+        log_alpha = log_alpha + f.unsqueeze(-1) + g.unsqueeze(-2)
+    for _ in range(max(n_iters, 1)):
+        row = torch.logsumexp(log_alpha, dim=-1, keepdim=True)
+        log_alpha = log_alpha - row
+        col = torch.logsumexp(log_alpha, dim=-2, keepdim=True)
+        log_alpha = log_alpha - col
+        f = f - row.detach().squeeze(-1)
+        g = g - col.detach().squeeze(-2)
+    return log_alpha, (f.detach() * tau, g.detach() * tau)
 
 
 def sinkhorn(cost: Tensor, tau: float = 1.0, n_iters: int = 20, gumbel_scale: float = 0.0,
