@@ -30,10 +30,10 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictCon
 
 TINY_LM = ["model=tiny_llama", "dataset=tiny_text", "calibration.samples=4", "calibration.batch_size=2",
            "eval.batch_size=2", "learning.train_samples=8", "learning.val_samples=2", "learning.batch_size=2",
-           "logger=none", "progress=false"]
+           "learning.seq_len=null", "learning.val_every_n_steps=null", "logger=none", "progress=false"]
 TINY_VIT = ["model=tiny_vit", "dataset=digits", "calibration.samples=32", "calibration.batch_size=16",
             "eval.batch_size=256", "learning.train_samples=64", "learning.val_samples=32", "learning.batch_size=16",
-            "logger=none", "progress=false"]
+            "learning.val_every_n_steps=null", "logger=none", "progress=false"]
 
 
 @pytest.fixture
