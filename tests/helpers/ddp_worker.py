@@ -1,0 +1,53 @@
+"""Learn permutations of a tiny Llama with Lightning, on 1 process or with DDP on 2 CPU processes (gloo).
+
+Run as a script (Lightning's DDP launcher re-executes it for rank 1):
+    python tests/helpers/ddp_worker.py --devices 2 --per-device-batch 2 --out result_ddp.pt
+Rank 0 saves the final permutations, the best validation loss and the learned costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import pytorch_lightning as pl
+import torch
+
+from permsparse.lit import CausalLMModule, PermutationLearning
+from permsparse.models.tiny import tiny_llama
+from permsparse.sparsity.pruners import MagnitudePruner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--per-device-batch", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--lr", type=float, default=50.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    data = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(seed=0)
+    module = CausalLMModule(model, optimizer=functools.partial(torch.optim.SGD, lr=args.lr), alpha=1e-5)
+    callback = PermutationLearning(MagnitudePruner(), "2:4", groups=2, init_scale=0.05, tau_end=0.1, warm_iters=3)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=2, max_steps=args.max_steps,
+        callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True, use_distributed_sampler=False,
+    )
+    # Each rank reads every world_size-th sample, so a DDP step's global batch is the single-process batch.
+    def loader(x):
+        sampler = torch.utils.data.DistributedSampler(x, trainer.world_size, trainer.global_rank, shuffle=False)
+        return torch.utils.data.DataLoader(x, batch_size=args.per_device_batch, sampler=sampler)
+
+    trainer.fit(module, loader(data), loader(data[:8]))
+    if trainer.global_rank == 0:
+        costs = {k: v.detach().clone() for k, v in module.permutations.state_dict().items() if k.endswith("raw")}
+        torch.save({"perms": callback.final_perms, "best_loss": callback.best_loss, "costs": costs,
+                    "steps": trainer.global_step, "history": callback.history}, args.out)
+
+
+if __name__ == "__main__":
+    main()
