@@ -90,7 +90,7 @@ def plot(rows: list[dict], metric: str, out: Path) -> None:
     width = 0.8 / max(len({r["perm"] for r in rows}), 1)
     perms = list(dict.fromkeys(r["perm"] for r in rows))
     for i, perm in enumerate(perms):
-        for ax, field in zip(axes, (metric, "efficacy")):
+        for ax, field in zip(axes, (metric, "efficacy"), strict=False):
             xs, ys = [], []
             for k, key in enumerate(keys):
                 vals = [r[field] for r in rows if (r["model"], r["pattern"], r["pruner"]) == key and r["perm"] == perm]
@@ -102,7 +102,7 @@ def plot(rows: list[dict], metric: str, out: Path) -> None:
              for key in keys}
     for k, key in enumerate(keys):
         axes[0].hlines(dense[key], k - 0.1, k + 0.8, colors="k", linestyles="--", label="dense" if k == 0 else None)
-    for ax, title in zip(axes, (f"{metric} (pruned; dashed: dense)", "mean efficacy (Apex metric)")):
+    for ax, title in zip(axes, (f"{metric} (pruned; dashed: dense)", "mean efficacy (Apex metric)"), strict=False):
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))])
         ax.set_xticklabels(["\n".join(key) for key in keys], fontsize=8)
         ax.set_title(title)

@@ -143,7 +143,7 @@ def test_temperature_schedule_runs_from_start_to_end(kind):
     s = TemperatureSchedule(1.0, 0.05, 100, kind)
     assert s(0) == pytest.approx(1.0) and s(100) == pytest.approx(0.05) and s(1000) == pytest.approx(0.05)
     values = [s(i) for i in range(101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     with pytest.raises(ValueError, match="unknown temperature schedule"):
         TemperatureSchedule(kind="step")
 

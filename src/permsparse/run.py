@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from permsparse.models.binding import get_spec
 from permsparse.permutation.base import block_to_global
-from permsparse.prune import PruneReport, check_model_divisible, group_scores, prune_model, prune_model_sequential
+from permsparse.prune import (
+    PruneReport,
+    check_model_divisible,
+    group_scores,
+    prune_model,
+    prune_model_sequential,
+)
 from permsparse.sparsity.calibration import collect_stats
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_torch_save, atomic_write_json
@@ -163,6 +169,11 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     return perms, summary
 
 
+def _global_rank() -> int:
+    """Rank of this process under torch.distributed / Lightning's DDP launcher (0 when not distributed)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
 def _metrics_row(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
 
@@ -234,6 +245,9 @@ def train(cfg: DictConfig) -> dict:
                                                             out_dir, logger)
     else:
         permutation = instantiate(cfg.perm.method)
+    if _global_rank() != 0:
+        # Under DDP every rank runs this flow; only rank 0 evaluates and writes the results.
+        return {"perms": permutation, "rank": _global_rank()}
     with timer("prune"):
         report = _prune(cfg, model, pruner, pattern, permutation, stats, datamodule)
     with timer("eval_pruned"):

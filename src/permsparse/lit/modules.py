@@ -85,7 +85,7 @@ class PermutationModule(pl.LightningModule):
         output, student = self.forward_with_blocks(batch)
         task = self.task_loss(output, batch)
         if self.alpha > 0:
-            distill = sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher))
+            distill = sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=False))
         return task + self.alpha * distill, task, distill
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

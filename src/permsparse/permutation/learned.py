@@ -18,7 +18,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
-from permsparse.permutation.apply import block_permute_scores, hard_permuted_masked_weight, permuted_masked_weight
+from permsparse.permutation.apply import (
+    block_permute_scores,
+    hard_permuted_masked_weight,
+    permuted_masked_weight,
+)
 from permsparse.permutation.base import block_to_global
 from permsparse.permutation.cost import LearnableCost
 from permsparse.sparsity.base import LayerStats, Pruner
