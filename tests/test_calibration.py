@@ -147,18 +147,9 @@ VIT_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
 def tiny_llama() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    from permsparse.models.tiny import tiny_llama as build
+
+    return build(seed=0, max_position_embeddings=64)
 
 
 def llama_batches() -> list[dict[str, torch.Tensor]]:
@@ -173,11 +164,9 @@ def llama_batches() -> list[dict[str, torch.Tensor]]:
 
 
 def tiny_vit() -> nn.Module:
-    timm_vt = pytest.importorskip("timm.models.vision_transformer")
-    torch.manual_seed(0)
-    return timm_vt.VisionTransformer(
-        img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=2, num_heads=4, num_classes=10
-    ).eval()
+    from permsparse.models.tiny import tiny_vit as build
+
+    return build(seed=0, mlp_ratio=4.0)
 
 
 def vit_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from permsparse.sparsity.nm import NMPattern
+from permsparse.sparsity.nm import NMPattern, check_nm_shape
 
 __all__ = [
     "PermutationMethod",
@@ -34,6 +34,15 @@ class PermutationMethod(ABC):
     @abstractmethod
     def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
         """Return ``perm`` of shape ``(d_in,)`` (long, a bijection of ``range(d_in)``)."""
+
+    @staticmethod
+    def check_scores(scores: Tensor, pattern: NMPattern | str, name: str = "group") -> NMPattern:
+        """Validate ``scores`` for a search under ``pattern`` (shape, finiteness); return the parsed pattern."""
+        pattern = NMPattern.parse(pattern)
+        check_nm_shape(scores.shape, pattern, name)
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{name}: scores contain NaN or Inf; cannot search a permutation")
+        return pattern
 
 
 class Identity(PermutationMethod):

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from permsparse.permutation.base import PermutationMethod
-from permsparse.sparsity.nm import NMPattern, check_nm_shape, nm_kept_score
+from permsparse.sparsity.nm import NMPattern, nm_kept_score
 
 __all__ = ["GreedyChannelSwap", "torch_threads"]
 
@@ -161,10 +161,7 @@ class GreedyChannelSwap(PermutationMethod):
 
     def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
         """Return ``perm`` (long, ``(d_in,)``) maximising the N:M kept score of ``scores[:, perm]``."""
-        pattern = NMPattern.parse(pattern)
-        check_nm_shape(scores.shape, pattern, name)
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"{name}: scores contain NaN or Inf; cannot search a permutation")
+        pattern = self.check_scores(scores, pattern, name)
         device = scores.device
         d_in = scores.shape[1]
         identity = torch.arange(d_in, device=device)

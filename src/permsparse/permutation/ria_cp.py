@@ -31,7 +31,7 @@ from torch import Tensor
 
 from permsparse.permutation.base import PermutationMethod
 from permsparse.permutation.channel_swap import torch_threads
-from permsparse.sparsity.nm import NMPattern, check_nm_shape, nm_kept_score
+from permsparse.sparsity.nm import NMPattern, nm_kept_score
 
 __all__ = ["RIAChannelPermutation", "snake_reallocation"]
 
@@ -83,10 +83,7 @@ class RIAChannelPermutation(PermutationMethod):
 
     def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
         """Return ``perm`` (long, ``(d_in,)``); never keeps less than identity."""
-        pattern = NMPattern.parse(pattern)
-        check_nm_shape(scores.shape, pattern, name)
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"{name}: scores contain NaN or Inf; cannot search a permutation")
+        pattern = self.check_scores(scores, pattern, name)
         device = scores.device
         d_in = scores.shape[1]
         n, m = pattern.n, pattern.m
