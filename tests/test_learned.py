@@ -51,3 +51,20 @@ def test_learning_lowers_the_loss_on_a_tiny_model():
     assert min(losses[1:]) < losses[0] - 1e-3, losses
     assert callback.best_loss == min(losses)
     assert any(not torch.equal(p, torch.arange(p.numel())) for p in callback.final_perms.values())
+
+
+def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
+    import pytest
+
+    model = tiny_llama(seed=0)
+    module = CausalLMModule(model, alpha=0.0, max_nonfinite=3)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=2).attach()
+    module.permutations = learned
+    module.log = lambda *a, **k: None  # outside a Trainer
+    module.task_loss = lambda output, batch: torch.tensor(float("nan"))
+    batch = _data(2)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        assert module.training_step(batch, 0) is None
+        assert module.training_step(batch, 1) is None
+    with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        module.training_step(batch, 2)

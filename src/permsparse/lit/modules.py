@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,11 +34,15 @@ class PermutationModule(pl.LightningModule):
         optimizer: a partial optimiser factory (Hydra ``_partial_: true``), called with the cost parameters.
         scheduler: a partial LR-scheduler factory or ``None``; cosine over all steps by default config.
         alpha: weight of the block-output distillation term (the paper's 1e-5); 0 disables the teacher pass.
+        max_nonfinite: a non-finite loss skips its step with a warning; this many in a row abort training
+            (the best permutation found so far is kept by the callback).
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 alpha: float = 1e-5) -> None:
+                 alpha: float = 1e-5, max_nonfinite: int = 5) -> None:
         super().__init__()
+        self.max_nonfinite = max_nonfinite
+        self._nonfinite_in_a_row = 0
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -88,8 +93,19 @@ class PermutationModule(pl.LightningModule):
             distill = sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=False))
         return task + self.alpha * distill, task, distill
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss, task, distill = self._distill_and_task(batch)
+        if not torch.isfinite(loss):
+            self._nonfinite_in_a_row += 1
+            rank_zero_warn(f"non-finite loss ({float(loss)}) at step {self.global_step}: step skipped "
+                           f"({self._nonfinite_in_a_row} in a row, abort at {self.max_nonfinite})")
+            if self._nonfinite_in_a_row >= self.max_nonfinite:
+                raise FloatingPointError(
+                    f"{self._nonfinite_in_a_row} non-finite losses in a row; training stopped, the best "
+                    "permutation so far is kept. Lower the learning rate or raise perm.tau_end"
+                )
+            return None  # Lightning skips the optimiser step
+        self._nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/task_loss", task)
         self.log("train/distill_loss", distill)
