@@ -136,7 +136,9 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
         normalize=perm_cfg.normalize, seed=cfg.seed,
     )
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)
+    every = cfg.learning.get("checkpoint_every_n_steps")
+    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=int(every) if every else None)
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
         "max_steps": cfg.learning.max_steps,
