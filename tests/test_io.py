@@ -1,6 +1,7 @@
 """Atomic writes: a crash mid-write leaves the previous file intact and no temporary file behind."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ def test_json_round_trip_with_tensors_and_nan(tmp_path):
     path = atomic_write_json(tmp_path / "results.json", {"a": torch.tensor([1, 2]), "b": float("nan"), "c": 3})
     data = read_json(path)
     assert data["a"] == [1, 2] and data["c"] == 3 and data["b"] != data["b"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file, not mkstemp's 0600
 
 
 def test_a_crash_mid_write_keeps_the_previous_file(tmp_path):
