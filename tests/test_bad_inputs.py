@@ -60,3 +60,31 @@ def test_bad_input_gives_a_clear_error(what, call, message):
 
 def test_the_table_is_long_enough():
     assert len(CASES) >= 15
+
+
+def test_a_window_longer_than_the_model_context_stops_the_run(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.config import ConfigError
+    from permsparse.run import train
+
+    cfg = compose_cfg([*TINY_LM, "dataset.datamodule.seq_len=512"], tmp_path)
+    with pytest.raises(ConfigError, match=r"dataset.datamodule.seq_len=512 is longer than the model's context of 256"):
+        train(cfg)
+
+
+def test_a_corrupt_checkpoint_is_named_before_anything_loads(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.config import ConfigError
+    from permsparse.run import train
+
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    cfg = compose_cfg([*TINY_LM, f"resume={run}"], tmp_path / "new")
+    with pytest.raises(ConfigError, match="is unreadable \\(corrupt or truncated\\)"):
+        train(cfg)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        train(cfg)

@@ -151,11 +151,7 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         trainer_kwargs["val_check_interval"] = int(cfg.learning.val_every_n_steps)
         trainer_kwargs["check_val_every_n_epoch"] = None
     trainer = instantiate(cfg.trainer, **trainer_kwargs)
-    ckpt_path = None
-    if cfg.get("resume"):
-        ckpt_path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint at {ckpt_path}")
+    ckpt_path = _resume_checkpoint(cfg)
     seq_len = cfg.learning.get("seq_len")
     train_loader = datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len)
     val_loader = datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len)
@@ -174,6 +170,38 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
 def _global_rank() -> int:
     """Rank of this process under torch.distributed / Lightning's DDP launcher (0 when not distributed)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from, checked readable before any model is loaded."""
+    from permsparse.config import ConfigError
+
+    if not cfg.get("resume"):
+        return None
+    path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}; was the run's permutation training started?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or overwritten file fails in many ways inside torch.load
+        raise ConfigError(f"resume={cfg.resume}: checkpoint {path} is unreadable (corrupt or truncated): {err}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError(f"resume={cfg.resume}: {path} is not a Lightning checkpoint (no state_dict)")
+    return path
+
+
+def _check_context(cfg: DictConfig, model: nn.Module) -> None:
+    """Windows longer than the model's context would fail deep inside attention (or silently extrapolate)."""
+    from permsparse.config import ConfigError
+
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not context:
+        return
+    for key, value in (("dataset.datamodule.seq_len", cfg.dataset.datamodule.get("seq_len")),
+                       ("learning.seq_len", cfg.learning.get("seq_len"))):
+        if value and int(value) > int(context):
+            raise ConfigError(f"{key}={value} is longer than the model's context of {context} positions; "
+                              f"set {key} <= {context}")
 
 
 def _metrics_row(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -208,8 +236,10 @@ def train(cfg: DictConfig) -> dict:
     pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
     learned = bool(cfg.perm.learned)
 
+    _resume_checkpoint(cfg)  # a missing or corrupt checkpoint fails before any model is loaded
     with timer("load"):
         model, tokenizer = _load_model(cfg)
+        _check_context(cfg, model)
         spec = get_spec(model)
         groups = spec.groups(model)
         check_model_divisible(model, groups, pattern, int(cfg.perm.groups) if learned else 1)
