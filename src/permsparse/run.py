@@ -113,8 +113,13 @@ def _ria_block_init(model: nn.Module, pruner: Any, stats: Mapping | None, patter
 
 
 def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, pruner: Any, pattern: NMPattern,
-                       stats: Mapping | None, out_dir: Path, logger: Any = None) -> tuple[dict[str, Tensor], dict]:
-    """Train the permutation costs with Lightning; return the best hardened permutations and a summary."""
+                       stats: Mapping | None, out_dir: Path, logger: Any = None,
+                       ckpt_path: Path | None = None) -> tuple[dict[str, Tensor], dict]:
+    """Train the permutation costs with Lightning; return the best hardened permutations and a summary.
+
+    ``ckpt_path``: a checkpoint to resume from, as checked by :func:`_resume_checkpoint` (``train`` passes
+    the one named by ``cfg.resume``).
+    """
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from permsparse.lit.callbacks import PermutationLearning
@@ -151,7 +156,6 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         trainer_kwargs["val_check_interval"] = int(cfg.learning.val_every_n_steps)
         trainer_kwargs["check_val_every_n_epoch"] = None
     trainer = instantiate(cfg.trainer, **trainer_kwargs)
-    ckpt_path = _resume_checkpoint(cfg)
     seq_len = cfg.learning.get("seq_len")
     train_loader = datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len)
     val_loader = datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len)
@@ -236,7 +240,7 @@ def train(cfg: DictConfig) -> dict:
     pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
     learned = bool(cfg.perm.learned)
 
-    _resume_checkpoint(cfg)  # a missing or corrupt checkpoint fails before any model is loaded
+    ckpt_path = _resume_checkpoint(cfg)  # a missing or corrupt checkpoint fails before any model is loaded
     with timer("load"):
         model, tokenizer = _load_model(cfg)
         _check_context(cfg, model)
@@ -274,7 +278,7 @@ def train(cfg: DictConfig) -> dict:
     if learned:
         with timer("learn_permutations"):
             permutation, learn_summary = learn_permutations(cfg, model, datamodule, pruner, pattern, stats,
-                                                            out_dir, logger)
+                                                            out_dir, logger, ckpt_path)
     else:
         permutation = instantiate(cfg.perm.method)
     if _global_rank() != 0:

@@ -23,8 +23,9 @@ from permsparse.permutation.apply import (
     hard_permuted_masked_weight,
     permuted_masked_weight,
 )
-from permsparse.permutation.base import block_to_global
+from permsparse.permutation.base import block_to_global, global_to_block
 from permsparse.permutation.cost import LearnableCost
+from permsparse.permutation.hungarian import perm_to_matrix
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, nm_mask
 
@@ -175,9 +176,6 @@ class LearnedPermutations(nn.Module):
     @torch.no_grad()
     def set_permutations(self, perms: Mapping[str, Tensor]) -> None:
         """Use fixed hard permutations (no gradient), e.g. for validation or the final evaluation."""
-        from permsparse.permutation.base import global_to_block
-        from permsparse.permutation.hungarian import perm_to_matrix
-
         for group_name, state in self._states.items():
             cost = self.costs[cost_key(group_name)]
             perm = perms[group_name].to(cost.raw.device).long()
