@@ -18,7 +18,7 @@ import torch
 
 from permsparse.permutation.base import Identity, is_permutation
 from permsparse.permutation.channel_swap import GreedyChannelSwap
-from permsparse.permutation.efficacy import efficacy, kept_ratio
+from permsparse.permutation.efficacy import efficacy_of, kept_ratio_of, kept_scores
 from permsparse.permutation.ria_cp import RIAChannelPermutation
 from permsparse.permutation.sinkhorn import sinkhorn
 from permsparse.sparsity.nm import NMPattern
@@ -35,8 +35,9 @@ def run_methods(named_scores: list[tuple[str, torch.Tensor]], pattern: NMPattern
         for i, (name, scores) in enumerate(named_scores):
             perm = method.find(scores, pattern, name=name)
             assert is_permutation(perm, scores.shape[1]), f"{label} returned a non-bijection for {name}"
-            effs.append(float(efficacy(scores, perm, pattern)))
-            kepts.append(float(kept_ratio(scores, perm, pattern)))
+            kept = kept_scores(scores, perm, pattern, name)
+            effs.append(efficacy_of(kept))
+            kepts.append(kept_ratio_of(kept))
             if progress and label == "greedy_cp" and (i + 1) % 10 == 0:
                 print(f"    {label}: {i + 1}/{len(named_scores)} groups, {time.perf_counter() - start:.1f} s", flush=True)
         out[label] = {"efficacy": sum(effs) / len(effs), "min_efficacy": min(effs),

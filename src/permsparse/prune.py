@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.base import Identity, PermutationMethod, is_permutation
-from permsparse.permutation.efficacy import efficacy, kept_ratio
+from permsparse.permutation.efficacy import efficacy_of, kept_ratio_of, kept_scores
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm, check_nm_shape
 
@@ -117,12 +117,13 @@ def prune_group(
         new = (result.weight if result.weight is not None else weight.detach().float()) * result.mask
         weight.copy_(new.to(weight.dtype))
         check_nm(weight[:, perm], pattern, name)
+    kept = kept_scores(scores, perm, pattern, group.name)
     return GroupReport(
         name=group.name,
         linears=list(group.linears),
         perm=perm.cpu(),
-        efficacy=float(efficacy(scores, perm, pattern)),
-        kept_ratio=float(kept_ratio(scores, perm, pattern)),
+        efficacy=efficacy_of(kept),
+        kept_ratio=kept_ratio_of(kept),
         seconds=time.perf_counter() - start,
     )
 

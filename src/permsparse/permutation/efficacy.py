@@ -20,7 +20,7 @@ from torch import Tensor
 from permsparse.permutation.base import is_permutation
 from permsparse.sparsity.nm import NMPattern, check_nm_shape, nm_kept_score
 
-__all__ = ["efficacy", "kept_ratio", "kept_scores"]
+__all__ = ["efficacy", "efficacy_of", "kept_ratio", "kept_ratio_of", "kept_scores"]
 
 
 def _checked(scores: Tensor, perm: Tensor, pattern: NMPattern | str, name: str) -> tuple[Tensor, NMPattern]:
@@ -67,7 +67,11 @@ def efficacy(
     is undefined and ``degenerate`` is returned: by default 0.0 ("no gain realised; none was
     possible"), which keeps plain means over groups finite; pass ``math.nan`` to mark such groups.
     """
-    k = kept_scores(scores, perm, pattern, name)
+    return efficacy_of(kept_scores(scores, perm, pattern, name), degenerate)
+
+
+def efficacy_of(k: dict[str, float], degenerate: float = 0.0) -> float:
+    """:func:`efficacy` from :func:`kept_scores` already computed (to get several metrics from one pass)."""
     denominator = k["rowwise"] - k["identity"]
     # Relative tolerance: differences of large float64 totals below ~1e-12 of their size are rounding.
     if denominator <= 1e-12 * max(abs(k["rowwise"]), 1e-300):
@@ -81,7 +85,11 @@ def kept_ratio(scores: Tensor, perm: Tensor, pattern: NMPattern | str, name: str
     If identity keeps nothing (all-zero scores) the ratio is 1.0 when the method keeps nothing too,
     else infinity.
     """
-    k = kept_scores(scores, perm, pattern, name)
+    return kept_ratio_of(kept_scores(scores, perm, pattern, name))
+
+
+def kept_ratio_of(k: dict[str, float]) -> float:
+    """:func:`kept_ratio` from :func:`kept_scores` already computed."""
     if k["identity"] == 0.0:
         return 1.0 if k["method"] == 0.0 else math.inf
     return k["method"] / k["identity"]
