@@ -51,6 +51,10 @@ def validate_config(cfg: DictConfig) -> None:
     _positive_int(cfg, "calibration.samples")
     _positive_int(cfg, "calibration.batch_size")
     _positive_int(cfg, "eval.batch_size")
+    foldable = cfg.perm.get("foldable", False)
+    if not isinstance(foldable, bool):
+        raise ConfigError(f"perm.foldable={foldable!r} is invalid: it must be true or false (true restricts the "
+                          "o_proj / attn.proj permutations to within-head ones that export always folds)")
     if cfg.perm.get("learned"):
         _positive_int(cfg, "perm.groups")
         _positive_int(cfg, "learning.train_samples")

@@ -69,13 +69,23 @@ class PruneReport:
 
 
 def check_model_divisible(model: nn.Module, groups: Iterable[BindingGroup], pattern: NMPattern,
-                          channel_groups: int = 1) -> None:
-    """Raise ``ValueError`` naming the first layer whose ``d_in`` is not divisible by M (and the group count)."""
+                          channel_groups: int = 1, foldable: bool = False) -> None:
+    """Raise ``ValueError`` naming the first layer whose ``d_in`` is not divisible by M (and the group count).
+
+    ``foldable`` (``perm.foldable``): attention-output groups are split by heads instead of ``channel_groups``,
+    so they need ``head_dim`` divisible by M instead (a :class:`~permsparse.config.ConfigError` naming the key).
+    """
+    groups = list(groups)
+    if foldable:
+        from permsparse.permutation.foldable import check_foldable, is_head_restricted
+
+        check_foldable(groups, pattern)
     for group in groups:
+        by_heads = foldable and is_head_restricted(group)
         for name in group.linears:
             weight = model.get_submodule(name).weight
             check_nm_shape(weight.shape, pattern, name)
-            if weight.shape[1] % (channel_groups * pattern.m):
+            if not by_heads and weight.shape[1] % (channel_groups * pattern.m):
                 raise ValueError(
                     f"{name}: d_in={weight.shape[1]} is not divisible by groups x M = {channel_groups} x {pattern.m}; "
                     f"choose perm.groups dividing {weight.shape[1] // pattern.m}"
@@ -107,7 +117,7 @@ def prune_group(
     if isinstance(permutation, Tensor):
         perm = permutation.to(scores.device).long()
     else:
-        perm = permutation.find(scores, pattern, name=group.name).long()
+        perm = permutation.find_group(scores, pattern, group).long()
     if not is_permutation(perm, scores.shape[1]):
         raise ValueError(f"{group.name}: the permutation method returned a non-bijection of {scores.shape[1]} channels")
     for name in group.linears:

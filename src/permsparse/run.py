@@ -139,7 +139,7 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         tau_schedule=perm_cfg.tau_schedule, sinkhorn_iters=perm_cfg.sinkhorn_iters,
         warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
-        normalize=perm_cfg.normalize, seed=cfg.seed,
+        normalize=perm_cfg.normalize, seed=cfg.seed, foldable=bool(perm_cfg.get("foldable", False)),
     )
     every = cfg.learning.get("checkpoint_every_n_steps")
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
@@ -280,7 +280,9 @@ def train(cfg: DictConfig) -> dict:
             permutation, learn_summary = learn_permutations(cfg, model, datamodule, pruner, pattern, stats,
                                                             out_dir, logger, ckpt_path)
     else:
-        permutation = instantiate(cfg.perm.method)
+        from permsparse.permutation.foldable import restrict_if_foldable
+
+        permutation = restrict_if_foldable(instantiate(cfg.perm.method), bool(cfg.perm.get("foldable", False)))
     if _global_rank() != 0:
         # Under DDP every rank runs this flow; only rank 0 evaluates and writes the results.
         return {"perms": permutation, "rank": _global_rank()}

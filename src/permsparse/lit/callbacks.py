@@ -41,6 +41,9 @@ class PermutationLearning(pl.Callback):
         gumbel_scale: scale of Gumbel noise on the cost during training (0 = none).
         init, init_scale, noise, normalize: see :class:`~permsparse.permutation.cost.LearnableCost`.
         seed: seed of the cost initialisation and the Gumbel noise.
+        foldable: restrict the attention-output groups (o_proj / attn.proj) to within-head permutations tied
+            across the query heads of each kv head, so that export always folds them (``perm.foldable``; see
+            :class:`~permsparse.permutation.learned.LearnedPermutations`).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class PermutationLearning(pl.Callback):
         noise: float = 0.01,
         normalize: bool = True,
         seed: int = 0,
+        foldable: bool = False,
     ) -> None:
         if mode not in {"hard", "soft"}:
             raise ValueError(f"perm.mode must be 'hard' or 'soft', got {mode!r}")
@@ -68,6 +72,7 @@ class PermutationLearning(pl.Callback):
         self.groups, self.sinkhorn_iters, self.mode, self.gumbel_scale = groups, sinkhorn_iters, mode, gumbel_scale
         self.warm_iters = warm_iters
         self.init, self.init_scale, self.noise, self.normalize, self.seed = init, init_scale, noise, normalize, seed
+        self.foldable = foldable
         self.schedule = TemperatureSchedule(tau_start, tau_end, 1, tau_schedule)
         self.best_loss = math.inf
         self.best_perms: dict[str, Tensor] | None = None
@@ -82,6 +87,7 @@ class PermutationLearning(pl.Callback):
         learned = LearnedPermutations(
             pl_module.model, self.pruner, self.pattern, self.stats, self.groups, init=self.init,
             init_scale=self.init_scale, noise=self.noise, normalize=self.normalize, seed=self.seed,
+            foldable=self.foldable,
         )
         pl_module.permutations = learned.to(pl_module.device)
         learned.attach()

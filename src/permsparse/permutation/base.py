@@ -8,11 +8,15 @@ A block-diagonal (group-wise) permutation is stored as ``(G, g)`` local indices,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from permsparse.sparsity.nm import NMPattern, check_nm_shape
+
+if TYPE_CHECKING:
+    from permsparse.models.binding import BindingGroup
 
 __all__ = [
     "PermutationMethod",
@@ -34,6 +38,14 @@ class PermutationMethod(ABC):
     @abstractmethod
     def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
         """Return ``perm`` of shape ``(d_in,)`` (long, a bijection of ``range(d_in)``)."""
+
+    def find_group(self, scores: Tensor, pattern: NMPattern, group: BindingGroup) -> Tensor:
+        """:meth:`find` for one binding group; what :func:`~permsparse.prune.prune_model` calls.
+
+        Methods that need the group's structure (e.g. the head layout of an attention output projection,
+        :class:`~permsparse.permutation.foldable.HeadRestricted`) override this; the default ignores it.
+        """
+        return self.find(scores, pattern, name=group.name)
 
     @staticmethod
     def check_scores(scores: Tensor, pattern: NMPattern | str, name: str = "group") -> NMPattern:

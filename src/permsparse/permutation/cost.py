@@ -29,6 +29,12 @@ class LearnableCost(nn.Module):
         noise: std of the Gaussian noise added at initialisation, relative to ``init_scale`` (breaks symmetry).
         normalize: standardise each ``g x g`` block (mean 0, std 1) before Sinkhorn.
         seed: seed of the initial noise.
+        tie: consecutive groups sharing one cost (default 1: none). With ``tie > 1`` the free parameter is
+            ``(G / tie, g, g)``; Sinkhorn and Hungarian run once per shared cost and the result is repeated
+            (``repeat_interleave``) for the ``tie`` groups, so they always get the same permutation and the
+            gradients of all of them flow into the shared cost. ``perm.foldable`` ties the heads of an
+            attention output projection per kv head (grouped-query attention): ``G = num_heads``,
+            ``g = head_dim``, ``tie = num_heads / num_kv_heads``.
     """
 
     def __init__(
@@ -41,31 +47,38 @@ class LearnableCost(nn.Module):
         normalize: bool = True,
         eps: float = 1e-6,
         seed: int = 0,
+        tie: int = 1,
     ) -> None:
         super().__init__()
         if groups < 1 or d_in % groups:
             raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")
-        self.d_in, self.groups, self.group_size = d_in, groups, d_in // groups
+        if tie < 1 or groups % tie:
+            raise ValueError(f"groups={groups} is not a multiple of tie={tie}")
+        self.d_in, self.groups, self.group_size, self.tie = d_in, groups, d_in // groups, tie
         self.normalize, self.eps = normalize, eps
         gen = torch.Generator().manual_seed(seed)
-        g = self.group_size
+        g, free = self.group_size, groups // tie
         if isinstance(init, str):
             if init != "identity":
                 raise ValueError(f"unknown cost init {init!r}; use 'identity' or pass a permutation tensor")
-            target = torch.eye(g).expand(groups, g, g)
+            target = torch.eye(g).expand(free, g, g)
         else:
-            target = perm_to_matrix(global_to_block(init.long().cpu(), groups))
+            local = global_to_block(init.long().cpu(), groups)
+            shared = local[::tie]
+            if not torch.equal(shared.repeat_interleave(tie, dim=0), local):
+                raise ValueError(f"init permutation differs across the {tie} groups that share one cost (tie={tie})")
+            target = perm_to_matrix(shared)
         # Noise relative to the scale, so the first hard permutation is ``target`` whatever init_scale is.
-        raw = init_scale * (-target + noise * torch.randn(groups, g, g, generator=gen))
+        raw = init_scale * (-target + noise * torch.randn(free, g, g, generator=gen))
         self.raw = nn.Parameter(raw.contiguous())
         # Sinkhorn dual potentials of the last call (cost units), for warm starts; checkpointed with the costs.
-        self.register_buffer("row_potential", torch.zeros(groups, g))
-        self.register_buffer("col_potential", torch.zeros(groups, g))
+        self.register_buffer("row_potential", torch.zeros(free, g))
+        self.register_buffer("col_potential", torch.zeros(free, g))
         self.register_buffer("warm", torch.zeros((), dtype=torch.bool))
         self.last_residual = float("nan")
 
     def cost(self) -> Tensor:
-        """The (normalised) cost tensor ``(G, g, g)``."""
+        """The (normalised) free cost tensor ``(G / tie, g, g)`` (``(G, g, g)`` without ties)."""
         if not self.normalize:
             return self.raw
         mean = self.raw.mean(dim=(-2, -1), keepdim=True)
@@ -102,6 +115,8 @@ class LearnableCost(nn.Module):
         soft = log_p.exp()
         self.last_residual = float(doubly_stochastic_residual(soft.detach()))
         perm = hungarian(soft.detach(), maximize=True)
+        if self.tie > 1:  # after Sinkhorn, so tied groups share the (Gumbel-noised) matrix and its gradient
+            soft, perm = soft.repeat_interleave(self.tie, dim=0), perm.repeat_interleave(self.tie, dim=0)
         if not hard:
             return soft, perm
         return straight_through(perm_to_matrix(perm, soft.dtype), soft), perm
@@ -109,4 +124,4 @@ class LearnableCost(nn.Module):
     @torch.no_grad()
     def harden(self) -> Tensor:
         """The zero-temperature limit: the assignment of least total cost, as one ``(d_in,)`` permutation."""
-        return block_to_global(hungarian(self.cost(), maximize=False))
+        return block_to_global(hungarian(self.cost(), maximize=False).repeat_interleave(self.tie, dim=0))

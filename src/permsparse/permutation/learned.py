@@ -25,6 +25,7 @@ from permsparse.permutation.apply import (
 )
 from permsparse.permutation.base import block_to_global, global_to_block
 from permsparse.permutation.cost import LearnableCost
+from permsparse.permutation.foldable import check_foldable, head_layout, is_head_restricted
 from permsparse.permutation.hungarian import perm_to_matrix
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, nm_mask
@@ -35,6 +36,14 @@ __all__ = ["LearnedPermutations", "cost_key"]
 def cost_key(group_name: str) -> str:
     """``nn.ModuleDict`` keys may not contain dots."""
     return group_name.replace(".", "__")
+
+
+def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
+    """``perm`` if export can fold it into ``group``'s value rows, else its :func:`restrict_to_heads`."""
+    from permsparse.export.fold import is_foldable, restrict_to_heads
+
+    perm = torch.as_tensor(perm).long().cpu()
+    return perm if is_foldable(group, perm)[0] else restrict_to_heads(perm, *head_layout(group))
 
 
 class _GroupState:
@@ -82,6 +91,11 @@ class LearnedPermutations(nn.Module):
         spec: binding spec (found from the model class if omitted).
         init, init_scale, noise, normalize, seed: passed to :class:`LearnableCost`;
             ``init`` may be ``"identity"`` or a mapping ``group name -> (d_in,) permutation``.
+        foldable: restrict the attention-output groups (``o_proj`` / ``attn.proj``, producer ``v_rows``) to
+            permutations export can fold (``perm.foldable``): their blocks are the heads (``num_heads`` groups of
+            ``head_dim``, ignoring ``groups``) and the query heads sharing a kv head share one cost
+            (:class:`LearnableCost` with ``tie``). An ``init`` permutation of such a group that is not foldable
+            is replaced by :func:`~permsparse.export.fold.restrict_to_heads` of it. Other groups are unchanged.
     """
 
     def __init__(
@@ -97,11 +111,15 @@ class LearnedPermutations(nn.Module):
         noise: float = 0.01,
         normalize: bool = True,
         seed: int = 0,
+        foldable: bool = False,
     ) -> None:
         super().__init__()
         self.pattern = NMPattern.parse(pattern)
         self.spec = spec or get_spec(model)
         self.binding = self.spec.groups(model)
+        self.foldable = foldable
+        if foldable:
+            check_foldable(self.binding, self.pattern)
         self.enabled = True
         self.costs = nn.ModuleDict()
         self._states: dict[str, _GroupState] = {}
@@ -112,14 +130,20 @@ class LearnedPermutations(nn.Module):
                 weight = model.get_submodule(name).weight.detach().float()
                 scores[name] = pruner.score(weight, None if stats is None else stats.get(name)).float()
             d_in = next(iter(scores.values())).shape[1]
-            if d_in % (groups * self.pattern.m):
+            group_init = init if isinstance(init, str) else init[group.name]
+            n_groups, tie = groups, 1
+            if foldable and is_head_restricted(group):
+                head_dim, num_heads, num_kv_heads = head_layout(group)
+                n_groups, tie = num_heads, num_heads // num_kv_heads
+                if not isinstance(group_init, str):
+                    group_init = _foldable_init(group, group_init)
+            elif d_in % (groups * self.pattern.m):
                 raise ValueError(
                     f"{group.name}: d_in={d_in} is not divisible by groups x M = {groups} x {self.pattern.m}; "
                     f"choose perm.groups dividing {d_in // self.pattern.m}"
                 )
-            group_init = init if isinstance(init, str) else init[group.name]
             self.costs[cost_key(group.name)] = LearnableCost(
-                d_in, groups, group_init, init_scale, noise, normalize, seed=seed + index
+                d_in, n_groups, group_init, init_scale, noise, normalize, seed=seed + index, tie=tie
             )
             self._states[group.name] = _GroupState(group, scores)
         self._attached = False
