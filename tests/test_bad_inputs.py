@@ -88,3 +88,26 @@ def test_a_corrupt_checkpoint_is_named_before_anything_loads(tmp_path):
     (run / "checkpoints" / "last.ckpt").unlink()
     with pytest.raises(ConfigError, match="no checkpoint at"):
         train(cfg)
+
+
+def test_an_empty_image_dataset_stops_the_run_before_the_model_loads(tmp_path, monkeypatch):
+    from conftest import TINY_VIT, compose_cfg
+
+    import permsparse.run as run
+    from permsparse.config import ConfigError
+
+    def no_model(cfg):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(run, "_load_model", no_model)
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (root / split / "n01440764").mkdir(parents=True)  # class folders, but no images
+    cfg = compose_cfg([*TINY_VIT, "dataset=imagenet", f"dataset.datamodule.root={root}"], tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"train holds no images \(the dataset is empty\)"):
+        run.train(cfg)
+    (root / "train" / "n01440764" / "a.JPEG").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"val holds no images"):
+        run.train(cfg)
+    with pytest.raises(ConfigError, match="dataset.datamodule.root is not set"):
+        run.train(compose_cfg([*TINY_VIT, "dataset=imagenet"], tmp_path / "out"))

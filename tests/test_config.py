@@ -73,7 +73,15 @@ def test_missing_key_is_named():
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_composes_and_validates(experiment):
-    cfg = compose_cfg([f"experiment={experiment}"], Path("/tmp/x"))
+def test_every_experiment_composes_and_validates(experiment, tmp_path):
+    overrides = [f"experiment={experiment}"]
+    cfg = compose_cfg(overrides, tmp_path)
+    if cfg.dataset.name == "imagenet":  # a local ImageFolder: validation checks that it holds images
+        with pytest.raises(ConfigError, match="dataset.datamodule.root"):
+            validate_config(cfg)
+        for split in ("train", "val"):
+            (tmp_path / split / "n01440764").mkdir(parents=True)
+            (tmp_path / split / "n01440764" / "x.JPEG").write_bytes(b"")
+        cfg = compose_cfg([*overrides, f"dataset.datamodule.root={tmp_path}"], tmp_path)
     assert cfg.experiment_name == experiment
     validate_config(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from permsparse.sparsity.nm import NMPattern
 
@@ -79,6 +79,29 @@ def validate_config(cfg: DictConfig) -> None:
                 "calibration.sequential=true is not supported with perm=learned: the learned method collects "
                 "its statistics once on the dense model (METHOD.md section 2); use calibration.sequential=false"
             )
+        every = cfg.learning.get("checkpoint_every_n_steps")
+        if every is not None:
+            _positive_int(cfg, "learning.checkpoint_every_n_steps")
     resume = cfg.get("resume")
     if resume and not Path(str(resume)).is_dir():
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
+    _check_image_folder(cfg)
+
+
+def _check_image_folder(cfg: DictConfig) -> None:
+    """An ImageFolder dataset (ImageNet) must exist and hold images in ``train/`` and ``val/``."""
+    dm = cfg.dataset.get("datamodule")
+    if dm is None or dm.get("dataset") != "imagenet":
+        return
+    root = None if OmegaConf.is_missing(dm, "root") else dm.get("root")
+    if not root:
+        raise ConfigError("dataset.datamodule.root is not set: dataset=imagenet needs "
+                          "dataset.datamodule.root=/path/to/imagenet with train/<wnid>/ and val/<wnid>/ folders")
+    for split in ("train", "val"):
+        folder = Path(str(root)) / split
+        if not folder.is_dir():
+            raise ConfigError(f"dataset.datamodule.root={root}: {folder} does not exist; expected "
+                              f"{root}/{split}/<class>/<image> (ImageFolder layout)")
+        if not any(p.is_file() for c in folder.iterdir() if c.is_dir() for p in c.iterdir()):
+            raise ConfigError(f"dataset.datamodule.root={root}: {folder} holds no images (the dataset is empty); "
+                              f"expected {root}/{split}/<class>/<image>")

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,6 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     ``ckpt_path``: a checkpoint to resume from, as checked by :func:`_resume_checkpoint` (``train`` passes
     the one named by ``cfg.resume``).
     """
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     from permsparse.lit.callbacks import PermutationLearning
 
     perm_cfg = cfg.perm
@@ -140,14 +139,13 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
         normalize=perm_cfg.normalize, seed=cfg.seed, foldable=bool(perm_cfg.get("foldable", False)),
+        checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
     )
-    every = cfg.learning.get("checkpoint_every_n_steps")
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
-                                 every_n_train_steps=int(every) if every else None)
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
         "max_steps": cfg.learning.max_steps,
-        "callbacks": [callback, checkpoint],
+        "callbacks": [callback],
+        "enable_checkpointing": False,  # the callback writes checkpoints/last.ckpt at resumable boundaries
         "logger": logger if logger is not None else False,
         "default_root_dir": str(out_dir),
         "enable_progress_bar": bool(cfg.progress),
@@ -162,8 +160,11 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     if ckpt_path is None:
         # Score the starting permutation too, so the kept (best-by-validation) one is never worse than it.
         trainer.validate(module, val_loader, verbose=False)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=str(ckpt_path) if ckpt_path else None)
+    with warnings.catch_warnings():
+        # Lightning cannot see that the ResumableSampler makes mid-epoch resumption exact.
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                    ckpt_path=str(ckpt_path) if ckpt_path else None)
     perms = callback.final_perms
     module.permutations.detach_model()  # dense weights back in place; masks are applied by prune_model
     summary = {"best_val_loss": callback.best_loss, "history": callback.history,

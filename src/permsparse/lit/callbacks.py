@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import signal
+import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -21,9 +26,38 @@ from permsparse.permutation.schedule import TemperatureSchedule
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern
 
-__all__ = ["PermutationLearning"]
+__all__ = ["PermutationLearning", "TrainingInterrupted"]
 
 log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Permutation training stopped on Ctrl-C after writing a checkpoint that ``resume=<run dir>`` continues."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (checkpointing is off)"
+        super().__init__(f"interrupted after step {step}; {where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _rng_states() -> dict[str, Any]:
+    # Tensors and plain tuples only, so that the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(),
+                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class PermutationLearning(pl.Callback):
@@ -44,6 +78,15 @@ class PermutationLearning(pl.Callback):
         foldable: restrict the attention-output groups (o_proj / attn.proj) to within-head permutations tied
             across the query heads of each kv head, so that export always folds them (``perm.foldable``; see
             :class:`~permsparse.permutation.learned.LearnedPermutations`).
+        checkpoint_dir: where ``last.ckpt`` is written (``None``: no checkpoints, Ctrl-C just aborts).
+        checkpoint_every_n_steps: write ``last.ckpt`` every this many optimiser steps (and on Ctrl-C).
+        handle_sigint: while fitting, the first Ctrl-C finishes the current step, writes ``last.ckpt`` and
+            raises :class:`TrainingInterrupted`; a second Ctrl-C aborts at once.
+
+    Checkpoints are written at step boundaries that a resumed run continues from exactly: when a validation
+    is due at that step, after it (so the resumed run neither repeats nor misses it). Together with the
+    :class:`~permsparse.lit.data.ResumableSampler` (skipped forward on resume) and the saved RNG states, an
+    interrupted-then-resumed run ends with the same permutations as an uninterrupted one.
     """
 
     def __init__(
@@ -65,6 +108,9 @@ class PermutationLearning(pl.Callback):
         normalize: bool = True,
         seed: int = 0,
         foldable: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        handle_sigint: bool = True,
     ) -> None:
         if mode not in {"hard", "soft"}:
             raise ValueError(f"perm.mode must be 'hard' or 'soft', got {mode!r}")
@@ -79,6 +125,13 @@ class PermutationLearning(pl.Callback):
         self.final_perms: dict[str, Tensor] | None = None
         self.history: list[dict[str, float]] = []
         self._generator: torch.Generator | None = None
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = int(checkpoint_every_n_steps) if checkpoint_every_n_steps else None
+        self.handle_sigint = handle_sigint
+        self._stop_requested = False
+        self._pending: dict[str, bool] | None = None  # a checkpoint (and stop) waiting for this step's validation
+        self._previous_handler: Any = None
+        self._loaded_rng: dict[str, Any] | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -95,6 +148,85 @@ class PermutationLearning(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule.total_steps = max(int(trainer.estimated_stepping_batches), 1)
+        self._stop_requested, self._pending = False, None
+        if self.handle_sigint and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # second Ctrl-C: stop at once
+            self._restore_sigint()
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        log.warning("Ctrl-C: finishing this step and writing a checkpoint; press Ctrl-C again to abort at once")
+
+    def _restore_sigint(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_rng is None:
+            return
+        # Resuming: continue the data order where the checkpoint left it, and the random streams too.
+        _set_rng_states(self._loaded_rng)
+        self._loaded_rng = None
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        batches = len(loader) if loader is not None else 0
+        if 0 < done < batches:
+            if hasattr(sampler, "skip"):
+                sampler.skip(done * loader.batch_size)
+            else:
+                log.warning("resuming mid-epoch with a %s: the epoch's data order restarts from its first batch",
+                            type(sampler).__name__)
+
+    # -- checkpoints and Ctrl-C -----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / "last.ckpt"
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if self.checkpoint_path is not None:
+            trainer.save_checkpoint(self.checkpoint_path)  # written atomically by Lightning's checkpoint IO
+
+    def _checkpoint_or_stop(self, trainer: pl.Trainer, stop: bool) -> None:
+        self._save(trainer)
+        if stop:
+            raise TrainingInterrupted(trainer.global_step, self.checkpoint_path)
+
+    @staticmethod
+    def _validation_due(trainer: pl.Trainer) -> bool:
+        """Whether Lightning validates after this training step (Lightning's own decision)."""
+        epoch_loop = trainer.fit_loop.epoch_loop
+        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # One collective under DDP, so that every rank stops at the same step when any rank saw Ctrl-C.
+        stop = bool(trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False))
+        due = bool(self.checkpoint_every) and trainer.global_step % self.checkpoint_every == 0
+        if not (stop or due):
+            return
+        if self._validation_due(trainer):
+            self._pending = {"stop": stop}  # save after the validation, which the checkpoint then includes
+        else:
+            self._checkpoint_or_stop(trainer, stop)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        self._checkpoint_or_stop(trainer, pending["stop"])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)  # the finished state, so last.ckpt is the last step (resuming it trains nothing more)
 
     # -- training -------------------------------------------------------------------------------
     def tau(self, step: int) -> float:
@@ -135,6 +267,7 @@ class PermutationLearning(pl.Callback):
         return int(sum((p != torch.arange(p.numel())).sum() for p in perms.values()))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
         learned = pl_module.permutations
         self.final_perms = self.best_perms if self.best_perms is not None else learned.hard_permutations()
         learned.set_permutations(self.final_perms)
@@ -146,6 +279,7 @@ class PermutationLearning(pl.Callback):
             "best_perms": self.best_perms,
             "history": self.history,
             "generator": None if self._generator is None else self._generator.get_state(),
+            "rng": _rng_states(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -155,3 +289,4 @@ class PermutationLearning(pl.Callback):
         if state_dict.get("generator") is not None:
             self._generator = torch.Generator()
             self._generator.set_state(state_dict["generator"])
+        self._loaded_rng = state_dict.get("rng")  # applied in on_train_start, after Lightning's sanity check

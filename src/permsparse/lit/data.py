@@ -9,14 +9,66 @@ Interface used by :mod:`permsparse.run` (any new data module implements it):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-__all__ = ["ImageDataModule", "TextDataModule"]
+__all__ = ["ImageDataModule", "ResumableSampler", "TextDataModule"]
+
+
+class ResumableSampler(DistributedSampler):
+    """Training order that a resumed run can continue mid-epoch: the same seeded order as the interrupted run,
+    from the first sample it had not trained on.
+
+    The order of epoch ``e`` is a permutation seeded by ``seed + e``; under DDP (an initialised process group)
+    each rank takes every ``world_size``-th index of it, padded to equal length as :class:`DistributedSampler`
+    does. Being a ``DistributedSampler``, Lightning does not replace it under DDP. :meth:`skip` drops the
+    first ``n`` indices of this rank's next iteration (the checkpointing callback calls it on resume).
+    """
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
+        # No super().__init__: that needs the process group, which DDP only creates inside ``trainer.fit``.
+        if length < 1:
+            raise ValueError(f"ResumableSampler needs at least one sample, got {length}")
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.epoch, self.drop_last, self._skip = 0, False, 0
+
+    @property
+    def num_replicas(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, n: int) -> None:
+        """Start this rank's next iteration ``n`` samples in (resuming mid-epoch)."""
+        self._skip = max(int(n), 0)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.length)
+        world = self.num_replicas
+        total = len(self) * world
+        if total > self.length:  # pad by repeating the start, as DistributedSampler does
+            order = torch.cat([order, order[: total - self.length]])
+        mine = order[self.rank:total:world].tolist()
+        start, self._skip = self._skip, 0
+        return iter(mine[start:])
 
 
 def _check_count(what: str, n: int, available: int) -> None:
@@ -62,8 +114,7 @@ class ImageDataModule(pl.LightningDataModule):
         return list(DataLoader(self._subset("train", n), batch_size=batch_size, shuffle=False))
 
     def train_dataloader(self, n: int = 1024, batch_size: int = 64, seq_len: int | None = None) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._subset("train", n), batch_size=batch_size, shuffle=True, generator=gen,
+        return DataLoader(self._subset("train", n), batch_size=batch_size, sampler=ResumableSampler(n, self.seed),
                           num_workers=self.num_workers)
 
     def val_dataloader(self, n: int = 256, batch_size: int = 64, seq_len: int | None = None) -> DataLoader:
@@ -125,9 +176,8 @@ class TextDataModule(pl.LightningDataModule):
         return list(self._windows("train", n, None, 0).split(batch_size))
 
     def train_dataloader(self, n: int = 64, batch_size: int = 4, seq_len: int | None = None) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(self._windows("train", n, seq_len, 1)), batch_size=batch_size, shuffle=True,
-                          generator=gen)
+        return DataLoader(TensorDataset(self._windows("train", n, seq_len, 1)), batch_size=batch_size,
+                          sampler=ResumableSampler(n, self.seed))
 
     def val_dataloader(self, n: int = 8, batch_size: int = 4, seq_len: int | None = None) -> DataLoader:
         return DataLoader(TensorDataset(self._windows("val", n, seq_len, 2)), batch_size=batch_size, shuffle=False)
