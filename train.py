@@ -18,6 +18,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\n{stop}.\nContinue with: python {sys.argv[0]} {overrides} resume={cfg.output_dir} "
               f"hydra.run.dir={cfg.output_dir}", file=sys.stderr, flush=True)
         sys.exit(130)  # the shell's code for "stopped by Ctrl-C"; a sweep stops here too
+    if "metrics" not in results:  # a DDP rank other than 0: rank 0 evaluates and reports
+        return None
     # Hydra sweepers (e.g. Optuna in hparams_search/) minimise the returned value.
     pruned = results["metrics"]["pruned"]
     return next(iter(pruned.values()), None)

@@ -36,3 +36,29 @@ def test_ddp_two_processes_equals_one_process_with_the_same_global_batch(tmp_pat
     assert abs(single["best_loss"] - ddp["best_loss"]) < 1e-4
     # the costs moved, so the comparison is not between two untrained states
     assert any(h["changed_channels"] > 0 for h in single["history"])
+
+
+def test_train_py_under_ddp_shards_calibration_and_reports_once(tmp_path):
+    """``trainer=ddp`` through the real entry point: 2 gloo ranks each calibrate half of the data; the summed
+    statistics give the same Wanda masks, so the dense and identity rows equal a single-process run's."""
+    import json
+
+    from conftest import TINY_LM
+
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, str(ROOT / "train.py"), *TINY_LM, "perm=learned", "calibration.samples=8",
+            "learning.batch_size=1"]
+    runs = {}
+    for name, extra in (("ddp", ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]), ("single", [])):
+        out = tmp_path / name
+        proc = subprocess.run([*base, *extra, f"hydra.run.dir={out}"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = json.loads((out / "results.json").read_text())
+    ddp, single = runs["ddp"], runs["single"]
+    assert ddp["calibration"]["sharded_across_ranks"] and not single["calibration"]["sharded_across_ranks"]
+    assert ddp["metrics"]["dense"] == single["metrics"]["dense"]
+    for key, value in single["metrics"]["identity"].items():
+        assert abs(ddp["metrics"]["identity"][key] - value) <= 1e-6 * value, key
+    assert ddp["learning"]["steps"] == 4 and single["learning"]["steps"] == 8  # 8 windows, 1 per rank per step
+    assert (tmp_path / "ddp" / "train_ddp_process_1.log").exists()  # rank 1 ran, and did not write results

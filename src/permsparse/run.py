@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,11 @@ def _ria_block_init(model: nn.Module, pruner: Any, stats: Mapping | None, patter
 
 def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, pruner: Any, pattern: NMPattern,
                        stats: Mapping | None, out_dir: Path, logger: Any = None,
-                       ckpt_path: Path | None = None) -> tuple[dict[str, Tensor], dict]:
-    """Train the permutation costs with Lightning; return the best hardened permutations and a summary.
+                       ckpt_path: Path | None = None,
+                       calibrate: Callable[[int, int], Mapping] | None = None) -> tuple[dict[str, Tensor], dict, Any]:
+    """Train the permutation costs with Lightning; return the best hardened permutations, a summary and the
+    calibration statistics used (``calibrate(rank, world_size)``: collected inside ``fit``, sharded across ranks,
+    when ``stats`` is ``None``).
 
     ``ckpt_path``: a checkpoint to resume from, as checked by :func:`_resume_checkpoint` (``train`` passes
     the one named by ``cfg.resume``).
@@ -139,7 +142,7 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
         normalize=perm_cfg.normalize, seed=cfg.seed, foldable=bool(perm_cfg.get("foldable", False)),
-        checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
+        calibrate=calibrate, checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
     )
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
@@ -169,7 +172,13 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     module.permutations.detach_model()  # dense weights back in place; masks are applied by prune_model
     summary = {"best_val_loss": callback.best_loss, "history": callback.history,
                "steps": trainer.global_step, "changed_channels": callback._changed_channels(perms)}
-    return perms, summary
+    return perms, summary, callback.stats
+
+
+def _distributed(cfg: DictConfig) -> bool:
+    """A multi-process Lightning strategy (DDP/FSDP): calibration and learning happen inside ``fit``."""
+    strategy = str(cfg.trainer.get("strategy", "") or "")
+    return any(name in strategy.lower() for name in ("ddp", "fsdp", "deepspeed"))
 
 
 def _global_rank() -> int:
@@ -227,6 +236,20 @@ def _print_table(results: dict) -> None:
     print("\n".join(lines) + "\n", flush=True)
 
 
+def _evaluate_baselines(cfg: DictConfig, model: nn.Module, datamodule: Any, pruner: Any, pattern: NMPattern,
+                        stats: Mapping | None, metrics: dict, timer: _Timer) -> None:
+    """The dense model and, unless switched off, the same pruner without a permutation (the identity row)."""
+    with timer("eval_dense"):
+        metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+    if cfg.eval.identity_baseline and cfg.perm.name != "none":
+        dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with timer("prune_identity"):
+            _prune(cfg, model, pruner, pattern, None, stats, datamodule)
+        with timer("eval_identity"):
+            metrics["identity"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+        model.load_state_dict(dense_state)
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one experiment end to end and return the result dictionary written to ``results.json``."""
     import pytorch_lightning as pl
@@ -253,40 +276,44 @@ def train(cfg: DictConfig) -> dict:
         pruner = instantiate(cfg.pruner.method)
     logger = _build_logger(cfg)
 
+    names = [n for g in groups for n in g.linears]
+
+    def calibrate(rank: int = 0, world_size: int = 1) -> dict:
+        """Statistics of this rank's share (every ``world_size``-th batch) of the calibration data."""
+        batches = datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size)
+        return collect_stats(model, names, batches[rank::world_size], hessian=pruner.needs_hessian,
+                             forward=datamodule.forward, progress=cfg.progress and rank == 0)
+
+    needs_stats = (pruner.needs_stats or pruner.needs_hessian) and not cfg.calibration.sequential
+    # Under DDP/FSDP the process group only exists inside fit: each rank calibrates its share there and the
+    # statistics are summed across ranks (the RIA-initialised costs need them before fit, so not sharded).
+    sharded = learned and needs_stats and _distributed(cfg) and cfg.perm.init != "ria"
     stats = None
-    if (pruner.needs_stats or pruner.needs_hessian) and not cfg.calibration.sequential:
+    if needs_stats and not sharded:
         with timer("calibrate"):
-            names = [n for g in groups for n in g.linears]
-            stats = collect_stats(
-                model, names, datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size),
-                hessian=pruner.needs_hessian, forward=datamodule.forward, progress=cfg.progress,
-            )
+            stats = calibrate()
 
     metrics: dict[str, dict[str, float]] = {}
-    with timer("eval_dense"):
-        metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
-
-    if cfg.eval.identity_baseline and cfg.perm.name != "none":
-        dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        with timer("prune_identity"):
-            identity_report = _prune(cfg, model, pruner, pattern, None, stats, datamodule)
-        with timer("eval_identity"):
-            metrics["identity"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
-        model.load_state_dict(dense_state)
-        del dense_state, identity_report
+    rank0 = _global_rank() == 0
+    if rank0 and not sharded:
+        _evaluate_baselines(cfg, model, datamodule, pruner, pattern, stats, metrics, timer)
 
     learn_summary = None
     if learned:
         with timer("learn_permutations"):
-            permutation, learn_summary = learn_permutations(cfg, model, datamodule, pruner, pattern, stats,
-                                                            out_dir, logger, ckpt_path)
+            permutation, learn_summary, stats = learn_permutations(
+                cfg, model, datamodule, pruner, pattern, stats, out_dir, logger, ckpt_path,
+                calibrate=calibrate if sharded else None,
+            )
     else:
         from permsparse.permutation.foldable import restrict_if_foldable
 
         permutation = restrict_if_foldable(instantiate(cfg.perm.method), bool(cfg.perm.get("foldable", False)))
-    if _global_rank() != 0:
+    if not rank0:
         # Under DDP every rank runs this flow; only rank 0 evaluates and writes the results.
         return {"perms": permutation, "rank": _global_rank()}
+    if sharded:
+        _evaluate_baselines(cfg, model, datamodule, pruner, pattern, stats, metrics, timer)
     with timer("prune"):
         report = _prune(cfg, model, pruner, pattern, permutation, stats, datamodule)
     with timer("eval_pruned"):
@@ -316,6 +343,7 @@ def train(cfg: DictConfig) -> dict:
         "perm_seconds": {g.name: g.seconds for g in report.groups},
         "learning": learn_summary,
         "timings": timer.seconds,
+        "calibration": {"samples": int(cfg.calibration.samples), "sharded_across_ranks": sharded},
         "permutations_file": "perms.pt",
         "pruned_file": pruned_file,
     }

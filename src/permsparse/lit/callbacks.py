@@ -12,7 +12,7 @@ import math
 import random
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import Tensor
 from permsparse.permutation.learned import LearnedPermutations
 from permsparse.permutation.schedule import TemperatureSchedule
 from permsparse.sparsity.base import LayerStats, Pruner
+from permsparse.sparsity.calibration import all_reduce_stats
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["PermutationLearning", "TrainingInterrupted"]
@@ -78,6 +79,9 @@ class PermutationLearning(pl.Callback):
         foldable: restrict the attention-output groups (o_proj / attn.proj) to within-head permutations tied
             across the query heads of each kv head, so that export always folds them (``perm.foldable``; see
             :class:`~permsparse.permutation.learned.LearnedPermutations`).
+        calibrate: if ``stats`` is ``None``, a function ``(rank, world_size) -> stats`` of this rank's share
+            of the calibration data; it runs in :meth:`setup`, where the process group exists, and the
+            shares are summed across ranks (``trainer=ddp``: each rank calibrates ``1/world_size`` of the data).
         checkpoint_dir: where ``last.ckpt`` is written (``None``: no checkpoints, Ctrl-C just aborts).
         checkpoint_every_n_steps: write ``last.ckpt`` every this many optimiser steps (and on Ctrl-C).
         handle_sigint: while fitting, the first Ctrl-C finishes the current step, writes ``last.ckpt`` and
@@ -108,6 +112,7 @@ class PermutationLearning(pl.Callback):
         normalize: bool = True,
         seed: int = 0,
         foldable: bool = False,
+        calibrate: Callable[[int, int], Mapping[str, LayerStats]] | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every_n_steps: int | None = None,
         handle_sigint: bool = True,
@@ -125,6 +130,7 @@ class PermutationLearning(pl.Callback):
         self.final_perms: dict[str, Tensor] | None = None
         self.history: list[dict[str, float]] = []
         self._generator: torch.Generator | None = None
+        self.calibrate = calibrate
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = int(checkpoint_every_n_steps) if checkpoint_every_n_steps else None
         self.handle_sigint = handle_sigint
@@ -137,6 +143,8 @@ class PermutationLearning(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if pl_module.permutations is not None:
             return
+        if self.stats is None and self.calibrate is not None:
+            self.stats = self._calibrate_sharded(trainer)
         learned = LearnedPermutations(
             pl_module.model, self.pruner, self.pattern, self.stats, self.groups, init=self.init,
             init_scale=self.init_scale, noise=self.noise, normalize=self.normalize, seed=self.seed,
@@ -145,6 +153,18 @@ class PermutationLearning(pl.Callback):
         pl_module.permutations = learned.to(pl_module.device)
         learned.attach()
         self._generator = torch.Generator().manual_seed(self.seed)
+
+    def _calibrate_sharded(self, trainer: pl.Trainer) -> dict[str, LayerStats]:
+        """This rank's share of the calibration statistics, summed across ranks (sums and counts add up)."""
+        stats = dict(self.calibrate(trainer.global_rank, trainer.world_size))
+        if trainer.world_size > 1:
+            device = trainer.strategy.root_device  # NCCL reduces CUDA tensors only
+            stats = {k: LayerStats(v.sq_sum.to(device), v.count, None if v.hessian is None else v.hessian.to(device))
+                     for k, v in stats.items()}
+            all_reduce_stats(stats)
+            stats = {k: LayerStats(v.sq_sum.cpu(), v.count, None if v.hessian is None else v.hessian.cpu())
+                     for k, v in stats.items()}
+        return stats
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule.total_steps = max(int(trainer.estimated_stepping_batches), 1)
@@ -256,11 +276,11 @@ class PermutationLearning(pl.Callback):
         loss = float(metric)
         changed = self._changed_channels(self._val_perms)
         self.history.append({"step": trainer.global_step, "val_loss": loss, "changed_channels": changed})
-        pl_module.log("perm/changed_channels", float(changed))
+        pl_module.log("perm/changed_channels", float(changed), sync_dist=True)
         if math.isfinite(loss) and loss < self.best_loss:
             self.best_loss = loss
             self.best_perms = {k: v.clone() for k, v in self._val_perms.items()}
-            pl_module.log("perm/best_val_loss", loss)
+            pl_module.log("perm/best_val_loss", loss, sync_dist=True)
 
     @staticmethod
     def _changed_channels(perms: Mapping[str, Tensor]) -> int:
