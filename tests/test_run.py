@@ -105,3 +105,17 @@ def test_pruned_model_is_n_m_in_every_targeted_linear_after_a_run(tmp_path):
 def _run_and_get(tmp_path: Path) -> Path:
     train(compose_cfg([*TINY_LM, "perm=learned", "pruner=magnitude", "eval.identity_baseline=false"], tmp_path))
     return tmp_path
+
+
+def test_mixed_precision_option_trains_the_permutations_under_autocast(tmp_path):
+    """``trainer.precision=bf16-mixed`` (what trainer=gpu uses) runs the learned method under autocast (here the
+    CPU autocast; no GPU needed): the starting validation loss differs from fp32, and the costs still move."""
+    overrides = [*TINY_LM, "perm=learned", "learning.train_samples=16", "learning.val_every_n_steps=4",
+                 "perm.optimizer.lr=0.5", "eval.identity_baseline=false"]
+    fp32 = train(compose_cfg(overrides, tmp_path / "fp32"))
+    bf16 = train(compose_cfg([*overrides, "trainer.precision=bf16-mixed"], tmp_path / "bf16"))
+    start_fp32, start_bf16 = fp32["learning"]["history"][0], bf16["learning"]["history"][0]
+    assert start_bf16["val_loss"] != start_fp32["val_loss"]  # autocast really is on
+    assert abs(start_bf16["val_loss"] - start_fp32["val_loss"]) < 1e-2
+    assert max(h["changed_channels"] for h in bf16["learning"]["history"]) > 0
+    assert bf16["config"]["trainer"]["precision"] == "bf16-mixed"
