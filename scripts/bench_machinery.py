@@ -77,10 +77,9 @@ def main() -> None:
     def machinery() -> None:
         learned.zero_grad(set_to_none=True)
         learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
-        total = 0.0
-        for _, name in linears:
-            total = total + (model.get_submodule(name).weight * upstream[name]).sum()
-        total.backward()
+        # The model's backward hands each masked weight its gradient; feed it directly (no extra loss terms).
+        weights = [model.get_submodule(name).weight for _, name in linears]
+        torch.autograd.backward(weights, [upstream[name] for _, name in linears])
 
     # Make every group's permutation change between calls so the masks are really recomputed.
     for cost in learned.costs.values():
