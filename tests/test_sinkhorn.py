@@ -181,7 +181,13 @@ def test_incremental_mask_update_equals_full_recompute():
         learned.set_permutations(perms)
         for name, state in learned._states.items():
             for linear, score in state.scores.items():
-                assert torch.equal(state.masks[linear], nm_mask(score[:, perms[name]], "2:4"))
+                expected = nm_mask(score[:, perms[name]], "2:4")
+                assert torch.equal(state.masks[linear], expected)
+                # the original-order copy the forward pass uses, and the masked weight it gives
+                assert torch.equal(state.masks_original[linear], expected[:, torch.argsort(perms[name])])
+                weight = model.get_submodule(linear).weight.detach()
+                original = model.get_submodule(linear).parametrizations.weight.original
+                assert torch.equal(weight, original * expected[:, torch.argsort(perms[name])])
     learned.detach_model()
 
 

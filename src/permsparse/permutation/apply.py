@@ -45,38 +45,47 @@ def block_permute_scores(scores: Tensor, p: Tensor) -> Tensor:
 
 
 class _HardPermutedMask(torch.autograd.Function):
-    """``((W P) * M) P^T`` for a hard ``P`` given as ``perm``: gathers forward, two batched matmuls backward.
+    """``((W P) * M) P^T`` for a hard ``P`` given as ``perm``, with ``M P^T`` (the mask in original order) given.
 
-    The value is ``W * M[:, argsort(perm)]``; the gradient with respect to ``P`` is the one autograd would
-    give through the dense block products (``W^T ((G P) * M) + G^T ((W P) * M)`` per group), without
-    materialising them in the forward pass.
+    The value is ``W * (M P^T)``: one masked copy, no gathers of the weight. The gradient with respect to
+    ``P`` is the one autograd gives through the dense block products, ``W^T ((G P) * M) + G^T ((W P) * M)``
+    per group, computed as ``(W^T (G * M P^T) + G^T (W * M P^T)) P``: two batched matmuls in original order
+    and a column permutation of the small ``(G, g, g)`` result, so neither ``W`` nor ``G`` is gathered.
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, p: Tensor, perm: Tensor, mask_permuted: Tensor) -> Tensor:  # type: ignore[override]
-        d_out, d_in = weight.shape
-        groups, size = p.shape[0], p.shape[-1]
-        masked = weight[:, perm] * mask_permuted.to(weight.dtype)  # (W P) * M
-        out = torch.empty_like(weight)
-        out[:, perm] = masked  # ... P^T
-        ctx.save_for_backward(weight, perm, mask_permuted)
-        ctx.shape = (d_out, groups, size)
-        return out
+    def forward(ctx, weight: Tensor, p: Tensor, local_perm: Tensor, mask_original: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight, local_perm, mask_original)
+        return torch.where(mask_original, weight, 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, perm, mask = ctx.saved_tensors
-        d_out, groups, size = ctx.shape
-        mask = mask.to(grad.dtype)
-        grad_perm = grad[:, perm]  # G P
-        masked = weight[:, perm].to(grad.dtype) * mask  # (W P) * M
-        w = weight.to(grad.dtype).reshape(d_out, groups, size)
-        term1 = torch.einsum("ogi,ogj->gij", w, (grad_perm * mask).reshape(d_out, groups, size))
-        term2 = torch.einsum("ogi,ogj->gij", grad.reshape(d_out, groups, size), masked.reshape(d_out, groups, size))
-        return None, term1 + term2, None, None
+        weight, local, mask = ctx.saved_tensors
+        groups, size = local.shape
+        d_out = weight.shape[0]
+        w = weight.to(grad.dtype)
+        gm = torch.where(mask, grad, 0).reshape(d_out, groups, size)
+        wm = torch.where(mask, w, 0).reshape(d_out, groups, size)
+        block = torch.einsum("ogi,ogj->gij", w.reshape(d_out, groups, size), gm)
+        block = block + torch.einsum("ogi,ogj->gij", grad.reshape(d_out, groups, size), wm)
+        # right-multiplying by the block permutation matrix: column j takes column local[j]
+        return None, torch.gather(block, 2, local.unsqueeze(1).expand(groups, size, size)), None, None
 
 
-def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_permuted: Tensor) -> Tensor:
+def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_permuted: Tensor | None = None,
+                                mask_original: Tensor | None = None) -> Tensor:
     """Same value and ``P``-gradient as :func:`permuted_masked_weight` when ``p`` is (in value) the permutation
-    matrix of ``perm`` (e.g. a straight-through estimate), at the cost of gathers in the forward pass."""
-    return _HardPermutedMask.apply(weight, p, perm, mask_permuted.detach())
+    matrix of ``perm`` (e.g. a straight-through estimate), at the cost of one masked copy in the forward pass.
+
+    Give the mask either in permuted order (``mask_permuted``, as chosen on the permuted scores) or, cheaper
+    when it is reused across steps, already in original order (``mask_original = mask_permuted[:, argsort(perm)]``).
+    """
+    groups, size = p.shape[0], p.shape[-1]
+    perm = perm.to(weight.device)
+    if mask_original is None:
+        if mask_permuted is None:
+            raise ValueError("hard_permuted_masked_weight needs mask_permuted or mask_original")
+        mask_original = torch.empty_like(mask_permuted, dtype=torch.bool)
+        mask_original[:, perm] = mask_permuted.detach().bool()
+    local = perm.reshape(groups, size) - torch.arange(groups, device=perm.device).unsqueeze(1) * size
+    return _HardPermutedMask.apply(weight, p, local, mask_original.detach().bool())

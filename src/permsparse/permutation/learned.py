@@ -54,6 +54,7 @@ class _GroupState:
         self.scores = scores  # linear name -> frozen score (d_out, d_in)
         self.p: Tensor | None = None  # (G, g, g) matrix used in the forward pass
         self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order
+        self.masks_original: dict[str, Tensor] = {}  # the same masks in original channel order (hard mode)
         self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
         self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
 
@@ -73,10 +74,9 @@ class _MaskedWeight(nn.Module):
         if not self._owner.enabled or state.p is None:
             return weight
         p = state.p.to(weight.dtype)
-        mask = state.masks[self.linear_name]
         if state.soft:
-            return permuted_masked_weight(weight, p, mask)
-        return hard_permuted_masked_weight(weight, p, state.perm.to(weight.device), mask)
+            return permuted_masked_weight(weight, p, state.masks[self.linear_name])
+        return hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_original[self.linear_name])
 
 
 class LearnedPermutations(nn.Module):
@@ -208,18 +208,26 @@ class LearnedPermutations(nn.Module):
     def _set(self, state: _GroupState, p: Tensor, perm: Tensor, soft: bool = False) -> None:
         # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
-        if soft or state.perm is None or not state.masks:
+        if soft or state.soft or state.perm is None or not state.masks:
             for name, score in state.scores.items():
-                permuted = block_permute_scores(score, p.to(score.device)) if soft else score[:, perm.to(score.device)]
+                perm_d = perm.to(score.device)
+                permuted = block_permute_scores(score, p.to(score.device)) if soft else score[:, perm_d]
                 state.masks[name] = nm_mask(permuted, self.pattern, name)
+                if not soft:
+                    state.masks_original[name] = torch.empty_like(state.masks[name])
+                    state.masks_original[name][:, perm_d] = state.masks[name]
         elif not torch.equal(state.perm, perm):
-            # Only the M-column blocks whose channels changed get a new mask (masks are per block).
+            # Only the M-column blocks whose channels changed get a new mask (masks are per block); the
+            # channels now at those positions are exactly the ones whose original-order mask changes.
             m = self.pattern.m
             blocks = (perm != state.perm).reshape(-1, m).any(-1).nonzero().squeeze(1)
             cols = (blocks.unsqueeze(1) * m + torch.arange(m, device=blocks.device)).reshape(-1)
             for name, score in state.scores.items():
                 cols_d = cols.to(score.device)
-                state.masks[name][:, cols_d] = nm_mask(score[:, perm.to(score.device)[cols_d]], self.pattern, name)
+                moved = perm.to(score.device)[cols_d]
+                new = nm_mask(score[:, moved], self.pattern, name)
+                state.masks[name][:, cols_d] = new
+                state.masks_original[name][:, moved] = new
         state.perm = perm
         state.p = p
         state.soft = soft
