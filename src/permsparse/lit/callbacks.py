@@ -224,8 +224,12 @@ class PermutationLearning(pl.Callback):
     @staticmethod
     def _validation_due(trainer: pl.Trainer) -> bool:
         """Whether Lightning validates after this training step (Lightning's own decision)."""
-        epoch_loop = trainer.fit_loop.epoch_loop
-        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        try:  # a private Lightning method (pytorch-lightning 2.x); without it, checkpoints may precede validation
+            return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        except AttributeError:
+            log.warning("this Lightning version hides when it validates: a checkpoint written at a validation "
+                        "step will be resumed without that validation")
+            return False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
