@@ -56,16 +56,16 @@ class _HardPermutedMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, p: Tensor, local_perm: Tensor, mask_original: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(weight, local_perm, mask_original)
-        return torch.where(mask_original, weight, 0)
+        return weight * mask_original
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, local, mask = ctx.saved_tensors
         groups, size = local.shape
         d_out = weight.shape[0]
-        w = weight.to(grad.dtype)
-        gm = torch.where(mask, grad, 0).reshape(d_out, groups, size)
-        wm = torch.where(mask, w, 0).reshape(d_out, groups, size)
+        w, mask = weight.to(grad.dtype), mask.to(grad.dtype)  # a 0/1 float mask: multiplying by a bool
+        gm = (grad * mask).reshape(d_out, groups, size)        # mask is ~20x slower on CPU
+        wm = (w * mask).reshape(d_out, groups, size)
         block = torch.einsum("ogi,ogj->gij", w.reshape(d_out, groups, size), gm)
         block = block + torch.einsum("ogi,ogj->gij", grad.reshape(d_out, groups, size), wm)
         # right-multiplying by the block permutation matrix: column j takes column local[j]
@@ -78,14 +78,15 @@ def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_pe
     matrix of ``perm`` (e.g. a straight-through estimate), at the cost of one masked copy in the forward pass.
 
     Give the mask either in permuted order (``mask_permuted``, as chosen on the permuted scores) or, cheaper
-    when it is reused across steps, already in original order (``mask_original = mask_permuted[:, argsort(perm)]``).
+    when it is reused across steps, already in original order (``mask_original = mask_permuted[:, argsort(perm)]``,
+    best as 0/1 values in the weight's dtype).
     """
     groups, size = p.shape[0], p.shape[-1]
     perm = perm.to(weight.device)
     if mask_original is None:
         if mask_permuted is None:
             raise ValueError("hard_permuted_masked_weight needs mask_permuted or mask_original")
-        mask_original = torch.empty_like(mask_permuted, dtype=torch.bool)
-        mask_original[:, perm] = mask_permuted.detach().bool()
+        mask_original = torch.empty_like(mask_permuted, dtype=weight.dtype)
+        mask_original[:, perm] = mask_permuted.detach().to(weight.dtype)
     local = perm.reshape(groups, size) - torch.arange(groups, device=perm.device).unsqueeze(1) * size
-    return _HardPermutedMask.apply(weight, p, local, mask_original.detach().bool())
+    return _HardPermutedMask.apply(weight, p, local, mask_original.detach().to(weight.dtype))

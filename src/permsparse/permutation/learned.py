@@ -53,8 +53,10 @@ class _GroupState:
         self.group = group
         self.scores = scores  # linear name -> frozen score (d_out, d_in)
         self.p: Tensor | None = None  # (G, g, g) matrix used in the forward pass
-        self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order
-        self.masks_original: dict[str, Tensor] = {}  # the same masks in original channel order (hard mode)
+        self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order (soft mode)
+        # hard mode: the mask in original channel order, as 0/1 in the weight's dtype (what the forward multiplies)
+        self.masks_original: dict[str, Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}  # linear name -> weight dtype
         self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
         self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
 
@@ -146,6 +148,7 @@ class LearnedPermutations(nn.Module):
                 d_in, n_groups, group_init, init_scale, noise, normalize, seed=seed + index, tie=tie
             )
             self._states[group.name] = _GroupState(group, scores)
+            self._states[group.name].dtypes = {name: model.get_submodule(name).weight.dtype for name in group.linears}
         self._attached = False
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -208,14 +211,17 @@ class LearnedPermutations(nn.Module):
     def _set(self, state: _GroupState, p: Tensor, perm: Tensor, soft: bool = False) -> None:
         # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
-        if soft or state.soft or state.perm is None or not state.masks:
+        if soft:  # the N:M mask of the softly permuted scores S P, new every step
+            state.masks_original.clear()
+            for name, score in state.scores.items():
+                state.masks[name] = nm_mask(block_permute_scores(score, p.to(score.device)), self.pattern, name)
+        elif state.soft or state.perm is None or not state.masks_original:
+            state.masks.clear()
             for name, score in state.scores.items():
                 perm_d = perm.to(score.device)
-                permuted = block_permute_scores(score, p.to(score.device)) if soft else score[:, perm_d]
-                state.masks[name] = nm_mask(permuted, self.pattern, name)
-                if not soft:
-                    state.masks_original[name] = torch.empty_like(state.masks[name])
-                    state.masks_original[name][:, perm_d] = state.masks[name]
+                original = torch.empty(score.shape, dtype=state.dtypes[name], device=score.device)
+                original[:, perm_d] = nm_mask(score[:, perm_d], self.pattern, name).to(original.dtype)
+                state.masks_original[name] = original
         elif not torch.equal(state.perm, perm):
             # Only the M-column blocks whose channels changed get a new mask (masks are per block); the
             # channels now at those positions are exactly the ones whose original-order mask changes.
@@ -223,11 +229,9 @@ class LearnedPermutations(nn.Module):
             blocks = (perm != state.perm).reshape(-1, m).any(-1).nonzero().squeeze(1)
             cols = (blocks.unsqueeze(1) * m + torch.arange(m, device=blocks.device)).reshape(-1)
             for name, score in state.scores.items():
-                cols_d = cols.to(score.device)
-                moved = perm.to(score.device)[cols_d]
-                new = nm_mask(score[:, moved], self.pattern, name)
-                state.masks[name][:, cols_d] = new
-                state.masks_original[name][:, moved] = new
+                moved = perm.to(score.device)[cols.to(score.device)]
+                original = state.masks_original[name]
+                original[:, moved] = nm_mask(score[:, moved], self.pattern, name).to(original.dtype)
         state.perm = perm
         state.p = p
         state.soft = soft
