@@ -68,7 +68,7 @@ def _share(counter: Counter, mode: str) -> str:
 
 
 def print_block(r: dict) -> None:
-    metric = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items())
+    metric = ", ".join(f"{k} {v:#.4g}" for k, v in r["metrics"].items())
     print(f"{r['run']}\n  model={r['model']} perm={r['perm']} foldable={r['foldable']}  pruned: {metric}")
     print(f"  bound groups {r['n']}: " + ", ".join(f"{m} {_share(r['groups'], m)}" for m in MODES))
     print(f"  bound linears {sum(r['linears'].values())}: " + ", ".join(f"{m} {_share(r['linears'], m)}" for m in MODES))

@@ -61,6 +61,8 @@ def verify(run_dir: Path, export_dir: Path | None) -> bool:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     not_nm = sorted(n for n, m in linears.items() if not is_nm(m.weight.detach(), pattern))
     bad_bound = sorted(set(not_nm) & bound)
+    # at most N non-zeros per M is the N:M property; fewer in a group means the dense weight held exact zeros there
+    exact = sum(is_nm(linears[n].weight.detach(), pattern, exact=True) for n in bound)
     counts = sidecar["counts"]
     print(f"{run_dir}  (export {export_dir})")
     print(f"  model={results['model']} perm={results['perm']} foldable={cfg['perm'].get('foldable', False)}; "
@@ -68,7 +70,8 @@ def verify(run_dir: Path, export_dir: Path | None) -> bool:
           f"reference max abs diff {sidecar['verification']['max_abs_diff']:.2e} "
           f"(reload {sidecar['verification']['reload_max_abs_diff']:.2e}, {sidecar['verification']['dtype']})")
     print(f"  nn.Linear {len(linears)}: {len(linears) - len(not_nm)} {pattern} as stored; pruned (bound) "
-          f"{len(bound)}, of which not {pattern}: {len(bad_bound)}; not pruned by design: "
+          f"{len(bound)}, of which not {pattern}: {len(bad_bound)}, exactly N non-zeros in every group: {exact}; "
+          "not pruned by design: "
           f"{', '.join(n for n in not_nm if n not in bound) or 'none'}")
 
     tokenizer = _tokenizer(cfg, export_dir)
