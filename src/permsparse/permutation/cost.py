@@ -81,8 +81,7 @@ class LearnableCost(nn.Module):
         """The (normalised) free cost tensor ``(G / tie, g, g)`` (``(G, g, g)`` without ties)."""
         if not self.normalize:
             return self.raw
-        mean = self.raw.mean(dim=(-2, -1), keepdim=True)
-        std = self.raw.std(dim=(-2, -1), keepdim=True)
+        std, mean = torch.std_mean(self.raw, dim=(-2, -1), keepdim=True)  # one pass for both
         return (self.raw - mean) / (std + self.eps)
 
     def forward(
