@@ -62,6 +62,23 @@ class BindingSpec(ABC):
     def block_prefixes(self, model: nn.Module) -> list[str]:
         """Module-name prefix of every block, aligned with :meth:`blocks`."""
 
+    def residual_params(self, model: nn.Module) -> list[tuple[str, int]]:
+        """Every parameter that carries the residual stream's channels, except the bound readers' inputs.
+
+        ``(parameter name, dim)`` pairs: ``dim`` of that parameter is indexed by the hidden (residual) channel.
+        That is what :func:`permsparse.export.residual.fold_residual_permutation` permutes to move one global
+        permutation into the residual stream: embeddings and tokens, every norm on the stream (weight and
+        bias), the output rows (and biases) of every writer (attention and MLP output projections), layer
+        scales, and the input columns of readers that are *not* in a ``residual`` binding group (the head /
+        ``lm_head``). The bound readers (producer ``residual`` groups) come from :meth:`groups`. Tied
+        parameters may appear twice; the fold permutes each tensor once. Families that do not describe
+        their residual stream cannot fold a residual-stream permutation (export gathers instead).
+        """
+        raise NotImplementedError(
+            f"binding spec {type(self).__name__} ({self.family}) does not list its residual-stream parameters; "
+            "implement residual_params(model) to fold a shared residual-stream permutation"
+        )
+
 
 SPECS: list[type[BindingSpec]] = []
 

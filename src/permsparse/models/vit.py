@@ -65,3 +65,39 @@ class TimmViTSpec(BindingSpec):
                 ),
             ]
         return out
+
+    def residual_params(self, model: nn.Module) -> list[tuple[str, int]]:
+        if getattr(model, "attn_pool", None) is not None:
+            raise NotImplementedError("timm ViT with global_pool='map' (attention-pool head): its residual-stream "
+                                      "parameters are not listed; the residual-stream permutation cannot be folded")
+        out: list[tuple[str, int]] = []
+
+        def add(module_name: str, names: tuple[str, ...], dim: int) -> None:
+            module = model.get_submodule(module_name) if module_name else model
+            for name in names:
+                if isinstance(getattr(module, name, None), nn.Parameter):
+                    out.append((f"{module_name}.{name}" if module_name else name, dim))
+
+        embed = model.patch_embed
+        if not isinstance(getattr(embed, "proj", None), nn.Conv2d):
+            raise NotImplementedError(f"timm ViT patch embedding {type(embed).__name__} without a Conv2d proj")
+        add("patch_embed.proj", ("weight", "bias"), 0)
+        add("patch_embed.norm", ("weight", "bias"), 0)
+        add("", ("cls_token", "reg_token", "dist_token", "pos_embed"), -1)
+        add("norm_pre", ("weight", "bias"), 0)
+        for i, block in enumerate(model.blocks):
+            p = f"blocks.{i}"
+            for name in ("norm1", "norm2"):
+                add(f"{p}.{name}", ("weight", "bias"), 0)
+            add(f"{p}.attn.proj", ("weight", "bias"), 0)
+            add(f"{p}.mlp.fc2", ("weight", "bias"), 0)
+            for ls in ("ls1", "ls2"):
+                if hasattr(block, ls):
+                    add(f"{p}.{ls}", ("gamma",), 0)
+            if hasattr(block, "attn") and not isinstance(getattr(block.attn, "proj", None), nn.Linear):
+                raise NotImplementedError(f"{p}.attn.proj is not an nn.Linear")
+        add("norm", ("weight", "bias"), 0)
+        add("fc_norm", ("weight", "bias"), 0)
+        if isinstance(getattr(model, "head", None), nn.Linear):
+            out.append(("head.weight", 1))
+        return out
