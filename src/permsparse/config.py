@@ -55,6 +55,17 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(foldable, bool):
         raise ConfigError(f"perm.foldable={foldable!r} is invalid: it must be true or false (true restricts the "
                           "o_proj / attn.proj permutations to within-head ones that export always folds)")
+    residual = cfg.perm.get("residual", "per_layer")
+    if residual not in ("per_layer", "shared"):
+        raise ConfigError(f"perm.residual={residual!r} is invalid; choose per_layer (one permutation per residual-"
+                          "reading group, gathered at export) or shared (one residual-stream permutation for all "
+                          "of them, folded at export)")
+    if residual == "shared" and cfg.perm.get("learned"):
+        raise ConfigError("perm.residual=shared is not supported with perm=learned (the learned method keeps one "
+                          "permutation per group); use a heuristic (perm=greedy or perm=ria) or perm.residual=per_layer")
+    if residual == "shared" and cfg.calibration.get("sequential"):
+        raise ConfigError("perm.residual=shared needs calibration.sequential=false: the shared residual-stream "
+                          "permutation is chosen once from the dense model's scores of every residual-reading group")
     if cfg.perm.get("learned"):
         _positive_int(cfg, "perm.groups")
         _positive_int(cfg, "learning.train_samples")

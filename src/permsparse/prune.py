@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.base import Identity, PermutationMethod, is_permutation
 from permsparse.permutation.efficacy import efficacy_of, kept_ratio_of, kept_scores
+from permsparse.permutation.residual import SharedResidual
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm, check_nm_shape
 
@@ -159,10 +160,24 @@ def prune_model(
     check_model_divisible(model, groups, pattern)
     if (pruner.needs_stats or pruner.needs_hessian) and stats is None:
         raise ValueError(f"pruner {type(pruner).__name__} needs calibration statistics; pass stats=collect_stats(...)")
+    shared = _shared_residual(permutation)
+    if shared is not None:  # perm.residual=shared: one permutation for all residual readers, from the dense scores
+        shared.prepare(groups, lambda g: group_scores(model, g, pruner, stats), pattern)
     report = PruneReport(pattern)
     for group in tqdm(groups, desc=f"prune {pattern}", disable=not progress):
         report.groups.append(prune_group(model, group, pruner, pattern, _perm_for(permutation, group), stats))
     return report
+
+
+def _shared_residual(permutation: object) -> SharedResidual | None:
+    """The :class:`SharedResidual` in a chain of wrappers (``HeadRestricted(SharedResidual(...))``...), if any."""
+    seen = 0
+    while permutation is not None and seen < 16:
+        if isinstance(permutation, SharedResidual):
+            return permutation
+        permutation = vars(permutation).get("method") if hasattr(permutation, "__dict__") else None
+        seen += 1
+    return None
 
 
 def _perm_for(permutation: PermutationMethod | Mapping[str, Tensor] | None,
@@ -190,6 +205,11 @@ def prune_model_sequential(
     of the already-pruned blocks ``< l``, then pruned, before block ``l + 1`` is calibrated."""
     from permsparse.sparsity.calibration import collect_stats_sequential
 
+    if _shared_residual(permutation) is not None:
+        raise ValueError("perm.residual=shared is not supported with sequential calibration "
+                         "(calibration.sequential=true): the shared residual-stream permutation is chosen once from "
+                         "the scores of all residual-reading groups, which sequential pruning only knows block by "
+                         "block; use calibration.sequential=false or perm.residual=per_layer")
     pattern = NMPattern.parse(pattern)
     spec = spec or get_spec(model)
     groups = spec.groups(model)

@@ -308,7 +308,10 @@ def train(cfg: DictConfig) -> dict:
     else:
         from permsparse.permutation.foldable import restrict_if_foldable
 
+        from permsparse.permutation.residual import shared_residual_if
+
         permutation = restrict_if_foldable(instantiate(cfg.perm.method), bool(cfg.perm.get("foldable", False)))
+        permutation = shared_residual_if(permutation, str(cfg.perm.get("residual", "per_layer")))
     if not rank0:
         # Under DDP every rank runs this flow; only rank 0 evaluates and writes the results.
         return {"perms": permutation, "rank": _global_rank()}

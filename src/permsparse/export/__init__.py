@@ -5,8 +5,9 @@ Primary API: ``export_model(model, report.perms, pattern, out_dir)`` on a model 
 exports a finished run folder. ``fold_model`` does the folding in memory; ``to_semi_structured`` turns the
 deployed 2:4 linears into PyTorch's semi-structured sparse tensors on Ampere+ GPUs.
 
-Not implemented yet (future work): one global residual-stream permutation that would also fold the
-``q,k,v``/``qkv``, ``gate,up`` and ``fc1`` permutations; today those layers get a runtime gather.
+The ``q,k,v``/``qkv``, ``gate,up`` and ``fc1`` permutations (readers of the residual stream) fold only when
+they are one shared permutation (``perm.residual=shared``): ``fold_residual_permutation`` then stores the
+residual stream permuted; otherwise those layers get a runtime gather.
 """
 
 from permsparse.export.export import (
@@ -41,7 +42,9 @@ from permsparse.export.fold import (
     restrict_to_heads,
 )
 from permsparse.export.gather import PermutedLinear, find_gathers, insert_gather, remove_gather
+from permsparse.export.residual import fold_residual_permutation, residual_groups, shared_residual_perm
 from permsparse.export.kernels import semi_structured_support, to_semi_structured
+from permsparse.export.residual import fold_residual_permutation, residual_groups, shared_residual_perm
 
 __all__ = [
     "EXPORT_FAMILIES",
@@ -61,6 +64,7 @@ __all__ = [
     "export_model",
     "export_run",
     "find_gathers",
+    "fold_residual_permutation",
     "fold_model",
     "insert_gather",
     "instantiate_node",
@@ -72,9 +76,11 @@ __all__ = [
     "plan_fold",
     "register_export_family",
     "remove_gather",
+    "residual_groups",
     "restrict_to_heads",
     "save_pruned_state",
     "semi_structured_support",
+    "shared_residual_perm",
     "to_semi_structured",
     "verify_outputs",
 ]

@@ -332,6 +332,7 @@ def export_model(
     pruner: str | None = None,
     tokenizer: Any = None,
     require_foldable: bool = False,
+    fold_residual: bool = True,
     tol: float = 1e-5,
     verify_dtype: torch.dtype | None = torch.float64,
     seed: int = 0,
@@ -351,6 +352,9 @@ def export_model(
             Not needed for HF models (``config.json`` describes them).
         require_foldable: refuse (``ValueError``) an ``o``/``proj``/``down``/``fc2`` permutation that cannot be
             folded (cross-head, or not identical across GQA query heads) instead of gathering it.
+        fold_residual: when every residual-reading group (``qkv``, ``gate_up``, ``fc1``) has the same permutation
+            (``perm.residual=shared``), fold it into the residual stream (embeddings, norms, writers, head) instead
+            of gathering; the saved weights then hold the permuted stream and load into the stock class.
         tol / verify_dtype: outputs of the folded model (and of the reloaded one) must match the masked
             model's within ``tol`` (max abs), computed in ``verify_dtype`` (default float64; ``None`` uses the
             model's dtype -- loosen ``tol`` then). Raises :class:`ExportVerificationError` otherwise.
@@ -368,7 +372,7 @@ def export_model(
     inputs = example_inputs(model, family.name, seed)
     reference = model_outputs(model, inputs, family.name, verify_dtype)
 
-    deployed, report = fold_model(model, perms, pattern, spec, require_foldable, inplace)
+    deployed, report = fold_model(model, perms, pattern, spec, require_foldable, inplace, fold_residual)
     diff = verify_outputs(reference, model_outputs(deployed, inputs, family.name, verify_dtype), tol,
                           "folded model")
 
@@ -390,6 +394,9 @@ def export_model(
             "dtype": _dtype_name(_model_dtype(deployed)),
             "build": dict(build) if build is not None else None,
             "counts": report.counts(),
+            "residual_stream": {"folded": report.residual_perm is not None,
+                                "perm": None if report.residual_perm is None else
+                                [int(i) for i in report.residual_perm.tolist()]},
             "groups": {g.name: g.to_dict() for g in report.groups},
             "gathers": {name: g.name for g in report.by_mode("gathered") for name in g.linears},
             "verification": {"tol": tol, "dtype": _dtype_name(verify_dtype), "seed": seed,

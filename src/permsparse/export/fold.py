@@ -9,9 +9,11 @@
 * by attention (``o``/``proj``): permute the value rows of ``v`` -- exact only if ``p`` maps every head's
   ``head_dim`` block onto itself and, with grouped-query attention, identically for the query heads that
   share one kv head (**folded** into ``v`` rows), else a runtime gather;
-* by the normalised residual stream (``q,k,v``/``qkv``, ``gate,up``, ``fc1``): a runtime gather
-  (:class:`~permsparse.export.gather.PermutedLinear`). Folding those needs one global residual-stream
-  permutation (embeddings, every norm, every residual writer, ``lm_head``): future work, not done here.
+* by the normalised residual stream (``q,k,v``/``qkv``, ``gate,up``, ``fc1``): folded only if *every*
+  residual-reading group has the same permutation (``perm.residual=shared``): the residual stream is then
+  stored permuted (embeddings, every norm, every residual writer, ``lm_head`` / head;
+  :func:`~permsparse.export.residual.fold_residual_permutation`); otherwise a runtime gather
+  (:class:`~permsparse.export.gather.PermutedLinear`).
 
 A group whose permutation is the identity needs neither. Row and column permutations of one weight
 compose: e.g. a ViT ``qkv`` stores ``W[rows][:, p_qkv]`` with ``rows`` permuting its v part by ``p_proj``.
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from permsparse.export.gather import insert_gather
+from permsparse.export.residual import fold_residual_permutation, shared_residual_perm
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.base import invert, is_permutation
 from permsparse.sparsity.nm import NMPattern, check_nm
@@ -48,9 +51,14 @@ __all__ = [
 IDENTITY, FOLDED, GATHERED = "identity", "folded", "gathered"
 
 RESIDUAL_REASON = (
-    "input is the normalised residual stream: folding needs one global residual-stream permutation "
-    "(not implemented); a runtime gather is inserted"
+    "input is the normalised residual stream and the residual-reading groups do not share one permutation "
+    "(folding needs one global residual-stream permutation: perm.residual=shared); a runtime gather is inserted"
 )
+RESIDUAL_FOLDED_REASON = (
+    "shared residual-stream permutation: folded into the embeddings, every norm, the residual writers' rows "
+    "and the head (fold_residual_permutation)"
+)
+RESIDUAL_STREAM = "<residual stream>"
 
 
 @dataclass
@@ -87,6 +95,11 @@ class FoldReport:
     pattern: NMPattern
     groups: list[GroupFold] = field(default_factory=list)
 
+    @property
+    def residual_perm(self) -> Tensor | None:
+        """The residual-stream permutation folded into the model, if the residual-reading groups were folded."""
+        return next((g.perm for g in self.groups if g.mode == FOLDED and RESIDUAL_STREAM in g.into), None)
+
     def by_mode(self, mode: str) -> list[GroupFold]:
         return [g for g in self.groups if g.mode == mode]
 
@@ -105,8 +118,8 @@ class FoldReport:
         return out
 
     def to_dict(self, include_perm: bool = True) -> dict[str, Any]:
-        return {"pattern": str(self.pattern), "counts": self.counts(),
-                "groups": {g.name: g.to_dict(include_perm) for g in self.groups}}
+        return {"pattern": str(self.pattern), "counts": self.counts(), "residual_stream_folded": self.residual_perm
+                is not None, "groups": {g.name: g.to_dict(include_perm) for g in self.groups}}
 
     def summary(self) -> str:
         """A human-readable table: one line per group."""
@@ -160,7 +173,8 @@ def kv_head_perms(perm: Tensor, head_dim: int, num_heads: int, num_kv_heads: int
 def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
     """Whether ``group``'s input permutation can be folded into its producer, and why (one line).
 
-    Residual-stream groups are never foldable here (that needs one global residual-stream permutation);
+    Residual-stream groups are not foldable one by one (that needs one global residual-stream permutation shared
+    by all of them, which :func:`plan_fold` detects);
     ``rows`` producers always are; ``v_rows`` (attention output) only within heads, identical across the
     query heads of one kv head. The identity is trivially foldable.
     """
@@ -239,17 +253,30 @@ def _checked_perms(model: nn.Module, groups: list[BindingGroup], perms: Mapping[
     return out
 
 
+def _residual_foldable(model: nn.Module, spec: BindingSpec) -> str:
+    """``""`` if ``spec`` lists ``model``'s residual-stream parameters, else why not (one line)."""
+    try:
+        spec.residual_params(model)
+    except NotImplementedError as e:
+        return str(e)
+    return ""
+
+
 def plan_fold(model: nn.Module, perms: Mapping[str, Tensor], spec: BindingSpec | None = None,
-              require_foldable: bool = False) -> list[GroupFold]:
+              require_foldable: bool = False, fold_residual: bool = True) -> list[GroupFold]:
     """Decide, without touching ``model``, what happens to every group: identity, folded or gathered.
 
     With ``require_foldable`` a group whose input comes from a producer that *could* absorb it (``o``/``proj``
     via ``v`` rows, ``down``/``fc2`` via rows) but cannot for this permutation is refused with a
-    ``ValueError`` naming the group and the reason; residual-stream groups are still gathered.
+    ``ValueError`` naming the group and the reason; residual-stream groups are still gathered. With
+    ``fold_residual`` (default) and one permutation shared by every residual-reading group (``perm.residual=
+    shared``), those groups are folded into the residual stream (``into == ["<residual stream>"]``).
     """
     spec = spec or get_spec(model)
     groups = spec.groups(model)
     checked = _checked_perms(model, groups, perms)
+    shared = shared_residual_perm(groups, checked) if fold_residual else None
+    residual_why = _residual_foldable(model, spec) if shared is not None else ""
     plan = []
     for group in groups:
         perm = checked[group.name]
@@ -258,6 +285,11 @@ def plan_fold(model: nn.Module, perms: Mapping[str, Tensor], spec: BindingSpec |
         into: list[str] = []
         if torch.equal(perm, torch.arange(perm.numel())):
             mode = IDENTITY
+        elif ptype == "residual" and shared is not None:
+            if residual_why:
+                mode, reason = GATHERED, f"shared residual-stream permutation, but {residual_why}; a runtime gather is inserted"
+            else:
+                mode, reason, into = FOLDED, RESIDUAL_FOLDED_REASON, [RESIDUAL_STREAM]
         elif ok:
             into = list(group.producer["modules"]) if ptype == "rows" else [group.producer["module"]]
             mismatch = [m for m in into if ptype == "rows" and _linear(model, m).out_features != perm.numel()]
@@ -283,9 +315,9 @@ def _row_perms(model: nn.Module, spec: BindingSpec, plan: list[GroupFold]) -> di
     groups = {g.name: g for g in spec.groups(model)}
     rows: dict[str, Tensor] = {}
     for fold in plan:
-        if fold.mode != FOLDED:
-            continue
         producer = groups[fold.name].producer
+        if fold.mode != FOLDED or producer.get("type") == "residual":  # residual: fold_residual_permutation
+            continue
         for name in fold.into:
             if name in rows:
                 raise ValueError(f"{name} would absorb two permutations (second from {fold.name}); binding spec bug")
@@ -343,20 +375,27 @@ def fold_model(
     spec: BindingSpec | None = None,
     require_foldable: bool = False,
     inplace: bool = False,
+    fold_residual: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """The deployed model: every bound linear stores ``W[:, perm]`` (N:M in memory) and gets its input permuted.
 
     ``model`` is pruned in original order by :func:`permsparse.prune.prune_model` and ``perms`` is its
     ``report.perms``. Producer rows absorb the permutations they can (see the module docstring); the rest
     get a :class:`~permsparse.export.gather.PermutedLinear`. The function is unchanged (up to float
-    summation order). ``inplace=False`` folds a deep copy and leaves ``model`` as it was.
+    summation order). ``inplace=False`` folds a deep copy and leaves ``model`` as it was. A residual-stream
+    permutation shared by all residual-reading groups is folded too (``fold_residual``, default; see
+    :func:`plan_fold`): embeddings, norms, writers and head by :func:`fold_residual_permutation`, the readers'
+    columns here like every bound linear's.
     """
     pattern = NMPattern.parse(pattern)
     spec = spec or get_spec(model)
-    plan = plan_fold(model, perms, spec, require_foldable)
+    plan = plan_fold(model, perms, spec, require_foldable, fold_residual)
     check_pruned_nm(model, {f.name: f.perm for f in plan}, pattern, spec)
     if not inplace:
         model = copy.deepcopy(model)
+    report = FoldReport(pattern, plan)
+    if report.residual_perm is not None:
+        fold_residual_permutation(model, report.residual_perm, spec, readers=False)
     rows = _row_perms(model, spec, plan)
     cols = {name: f.perm for f in plan for name in f.linears}
     for name in sorted(set(rows) | set(cols)):
@@ -377,4 +416,4 @@ def fold_model(
             for name in fold.linears:
                 insert_gather(model, name, fold.perm)
     check_deployed_nm(model, pattern, list(cols))
-    return model, FoldReport(pattern, plan)
+    return model, report
