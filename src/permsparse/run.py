@@ -307,7 +307,6 @@ def train(cfg: DictConfig) -> dict:
             )
     else:
         from permsparse.permutation.foldable import restrict_if_foldable
-
         from permsparse.permutation.residual import shared_residual_if
 
         permutation = restrict_if_foldable(instantiate(cfg.perm.method), bool(cfg.perm.get("foldable", False)))

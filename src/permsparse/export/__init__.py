@@ -42,7 +42,6 @@ from permsparse.export.fold import (
     restrict_to_heads,
 )
 from permsparse.export.gather import PermutedLinear, find_gathers, insert_gather, remove_gather
-from permsparse.export.residual import fold_residual_permutation, residual_groups, shared_residual_perm
 from permsparse.export.kernels import semi_structured_support, to_semi_structured
 from permsparse.export.residual import fold_residual_permutation, residual_groups, shared_residual_perm
 
