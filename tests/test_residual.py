@@ -6,10 +6,13 @@ Tiny Llama (GQA, untied and tied embeddings), Qwen2, Mistral and timm ViT models
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import TINY_LM, compose_cfg
+from conftest import ROOT, TINY_LM, compose_cfg
 
 from permsparse.config import ConfigError, validate_config
 from permsparse.export import (
@@ -223,7 +226,14 @@ def test_a_greedy_run_with_shared_residual_exports_without_gathers(tmp_path):
     perms = torch.load(tmp_path / "perms.pt")
     residual = [k for k in perms if k.endswith((".qkv", ".gate_up"))]
     assert all(torch.equal(perms[k], perms[residual[0]]) for k in residual)
-    out = export_run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "permsparse.export", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "residual stream: one shared permutation folded" in proc.stdout and " 0 gathered" in proc.stdout
+    out = tmp_path / "export"
     sidecar = read_json(out / SIDECAR)
     assert sidecar["counts"]["gathered"] == 0 and sidecar["residual_stream"]["folded"] is True
     assert find_gathers(load_exported(out)) == {}
+    kept = export_run(tmp_path, tmp_path / "gathered", fold_residual=False)  # opt-out: residual readers gathered
+    assert read_json(kept / SIDECAR)["counts"]["gathered"] == 2 * 2  # qkv + gate_up in each of 2 layers

@@ -1,4 +1,4 @@
-"""``python -m permsparse.export <run dir> [--out DIR] [--require-foldable]``: export a finished run folder."""
+"""``python -m permsparse.export <run dir> [--out DIR] [--require-foldable] [--no-fold-residual]``: export a finished run folder."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="export folder (default: <run_dir>/export)")
     parser.add_argument("--require-foldable", action="store_true",
                         help="refuse o/proj (and down/fc2) permutations that need a runtime gather")
+    parser.add_argument("--no-fold-residual", dest="fold_residual", action="store_false",
+                        help="gather the residual-reading groups even when they share one permutation "
+                             "(perm.residual=shared runs fold it into the residual stream by default)")
     parser.add_argument("--tol", type=float, default=1e-5, help="max abs output difference allowed (default 1e-5)")
     parser.add_argument("--verify-dtype", default="float64",
                         help="dtype of the verification forward passes (float64, or 'model' for the model's own)")
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     vdtype = None if args.verify_dtype == "model" else getattr(torch, args.verify_dtype)
     try:
         path = export_run(args.run_dir, args.out, require_foldable=args.require_foldable, tol=args.tol,
-                          verify_dtype=vdtype)
+                          verify_dtype=vdtype, fold_residual=args.fold_residual)
     except (ExportVerificationError, FileNotFoundError, ValueError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}{g['mode']:<11}{g['reason']}")
     c = sidecar["counts"]
     v = sidecar["verification"]
+    if sidecar.get("residual_stream", {}).get("folded"):
+        print("residual stream: one shared permutation folded into embeddings, norms, writers and head")
     print(f"{c['folded']} groups folded, {c['gathered']} gathered, {c['identity']} identity; "
           f"max abs diff {v['max_abs_diff']:.2e} (reload {v['reload_max_abs_diff']:.2e}, tol {v['tol']:.0e}, "
           f"{v['dtype']})")
