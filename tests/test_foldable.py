@@ -237,3 +237,17 @@ def test_perm_foldable_true_runs_end_to_end_and_the_run_exports_with_every_o_gro
     perms = torch.load(tmp_path / "perms.pt")
     model = MODELS["llama" if base is TINY_LM else "vit"]()
     assert all(f.mode != "gathered" for f in plan_fold(model, perms) if f.kind in ("o", "proj"))
+
+
+def test_the_run_flow_rejects_foldable_with_a_bad_head_dim_before_calibrating(tmp_path, monkeypatch):
+    import permsparse.run as run
+    from conftest import TINY_LM, compose_cfg
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the layout was checked")
+
+    monkeypatch.setattr(run, "collect_stats", no_calibration)
+    cfg = compose_cfg([*TINY_LM, "perm=greedy", "perm.foldable=true", "+model.load.hidden_size=24",
+                       "+model.load.intermediate_size=32"], tmp_path)
+    with pytest.raises(ConfigError, match=r"perm\.foldable=true needs head_dim divisible by M"):
+        run.train(cfg)

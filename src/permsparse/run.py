@@ -270,7 +270,8 @@ def train(cfg: DictConfig) -> dict:
         _check_context(cfg, model)
         spec = get_spec(model)
         groups = spec.groups(model)
-        check_model_divisible(model, groups, pattern, int(cfg.perm.groups) if learned else 1)
+        check_model_divisible(model, groups, pattern, int(cfg.perm.groups) if learned else 1,
+                              foldable=bool(cfg.perm.get("foldable", False)))
         dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
         datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
         pruner = instantiate(cfg.pruner.method)
