@@ -240,8 +240,9 @@ def test_perm_foldable_true_runs_end_to_end_and_the_run_exports_with_every_o_gro
 
 
 def test_the_run_flow_rejects_foldable_with_a_bad_head_dim_before_calibrating(tmp_path, monkeypatch):
-    import permsparse.run as run
     from conftest import TINY_LM, compose_cfg
+
+    import permsparse.run as run
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration started before the layout was checked")
