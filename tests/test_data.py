@@ -208,3 +208,28 @@ def test_fashion_mnist_loader() -> None:
 def test_fashion_mnist_missing_names_the_apt_package(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
+
+
+def test_resumable_sampler_skips_ahead_shards_and_reshuffles_per_epoch():
+    from permsparse.lit.data import ResumableSampler
+
+    sampler = ResumableSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and first == list(sampler)  # a seeded order, the same every time
+    sampler.skip(4)
+    assert list(sampler) == first[4:]  # a resumed run continues where the interrupted one stopped ...
+    assert list(sampler) == first  # ... once; the next iteration is whole again
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(10)) and list(sampler) != first
+
+    class Rank(ResumableSampler):  # as under DDP with 3 ranks
+        num_replicas, rank = 3, 0
+
+    shards = []
+    for r in range(3):
+        shard = Rank(10, seed=3)
+        shard.rank = r
+        shards.append(list(shard))
+    assert all(len(s) == len(Rank(10, seed=3)) == 4 for s in shards)  # padded to equal length
+    assert sum(len(s) for s in shards) == 12  # 10 samples and 2 repeated to pad, as DistributedSampler does
+    assert set(i for s in shards for i in s) == set(range(10))
