@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.base import is_permutation
+from permsparse.permutation.residual import is_residual
 
 __all__ = ["fold_residual_permutation", "residual_groups", "shared_residual_perm", "hidden_size"]
 
@@ -33,7 +34,7 @@ __all__ = ["fold_residual_permutation", "residual_groups", "shared_residual_perm
 def residual_groups(model: nn.Module, spec: BindingSpec | None = None) -> list[BindingGroup]:
     """The binding groups that read the residual stream (producer type ``residual``)."""
     spec = spec or get_spec(model)
-    return [g for g in spec.groups(model) if g.producer.get("type") == "residual"]
+    return [g for g in spec.groups(model) if is_residual(g)]
 
 
 def hidden_size(model: nn.Module, spec: BindingSpec | None = None) -> int:
@@ -46,7 +47,7 @@ def hidden_size(model: nn.Module, spec: BindingSpec | None = None) -> int:
 
 def shared_residual_perm(groups: list[BindingGroup], perms: Mapping[str, Tensor]) -> Tensor | None:
     """The one permutation every residual-reading group uses, or ``None`` if they differ (or there are none)."""
-    residual = [g for g in groups if g.producer.get("type") == "residual"]
+    residual = [g for g in groups if is_residual(g)]
     if not residual:
         return None
     first = torch.as_tensor(perms[residual[0].name]).long().reshape(-1).cpu()

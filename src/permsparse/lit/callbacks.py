@@ -24,7 +24,7 @@ from torch import Tensor
 from permsparse.permutation.learned import LearnedPermutations
 from permsparse.permutation.schedule import TemperatureSchedule
 from permsparse.sparsity.base import LayerStats, Pruner
-from permsparse.sparsity.calibration import all_reduce_stats
+from permsparse.sparsity.calibration import all_reduce_stats, move_stats
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["PermutationLearning", "TrainingInterrupted"]
@@ -158,12 +158,8 @@ class PermutationLearning(pl.Callback):
         """This rank's share of the calibration statistics, summed across ranks (sums and counts add up)."""
         stats = dict(self.calibrate(trainer.global_rank, trainer.world_size))
         if trainer.world_size > 1:
-            device = trainer.strategy.root_device  # NCCL reduces CUDA tensors only
-            stats = {k: LayerStats(v.sq_sum.to(device), v.count, None if v.hessian is None else v.hessian.to(device))
-                     for k, v in stats.items()}
-            all_reduce_stats(stats)
-            stats = {k: LayerStats(v.sq_sum.cpu(), v.count, None if v.hessian is None else v.hessian.cpu())
-                     for k, v in stats.items()}
+            # NCCL reduces CUDA tensors only
+            stats = move_stats(all_reduce_stats(move_stats(stats, trainer.strategy.root_device)), "cpu")
         return stats
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

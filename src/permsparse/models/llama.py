@@ -79,7 +79,10 @@ class LlamaLikeSpec(BindingSpec):
         decoder, root = self._decoder(model)
         out: list[tuple[str, int]] = [(f"{root}embed_tokens.weight", 1)]
         for p in self.block_prefixes(model):
-            out += [(f"{p}.input_layernorm.weight", 0), (f"{p}.post_attention_layernorm.weight", 0)]
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                out.append((f"{p}.{norm}.weight", 0))
+                if getattr(model.get_submodule(f"{p}.{norm}"), "bias", None) is not None:  # not in stock Llama
+                    out.append((f"{p}.{norm}.bias", 0))
             for writer in (f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj"):
                 out.append((f"{writer}.weight", 0))
                 if model.get_submodule(writer).bias is not None:
@@ -90,8 +93,4 @@ class LlamaLikeSpec(BindingSpec):
         head = getattr(model, "lm_head", None) if root else None
         if head is not None:
             out.append(("lm_head.weight", 1))  # tied to embed_tokens or not: permuted once either way
-        for p in self.block_prefixes(model):  # a norm with a bias (not in stock Llama/Qwen2/Mistral)
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                if getattr(model.get_submodule(f"{p}.{norm}"), "bias", None) is not None:
-                    out.append((f"{p}.{norm}.bias", 0))
         return out

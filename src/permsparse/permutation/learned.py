@@ -211,30 +211,31 @@ class LearnedPermutations(nn.Module):
     def _set(self, state: _GroupState, p: Tensor, perm: Tensor, soft: bool = False) -> None:
         # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
-        if soft:  # the N:M mask of the softly permuted scores S P, new every step
+        if soft:
             state.masks_original.clear()
             for name, score in state.scores.items():
                 state.masks[name] = nm_mask(block_permute_scores(score, p.to(score.device)), self.pattern, name)
         elif state.soft or state.perm is None or not state.masks_original:
             state.masks.clear()
-            for name, score in state.scores.items():
-                perm_d = perm.to(score.device)
-                original = torch.empty(score.shape, dtype=state.dtypes[name], device=score.device)
-                original[:, perm_d] = nm_mask(score[:, perm_d], self.pattern, name).to(original.dtype)
-                state.masks_original[name] = original
+            state.masks_original = {name: torch.empty(score.shape, dtype=state.dtypes[name], device=score.device)
+                                    for name, score in state.scores.items()}
+            self._write_masks(state, perm, torch.arange(perm.numel()))
         elif not torch.equal(state.perm, perm):
-            # Only the M-column blocks whose channels changed get a new mask (masks are per block); the
-            # channels now at those positions are exactly the ones whose original-order mask changes.
+            # Only the M-column blocks whose channels changed get a new mask (masks are per block).
             m = self.pattern.m
             blocks = (perm != state.perm).reshape(-1, m).any(-1).nonzero().squeeze(1)
-            cols = (blocks.unsqueeze(1) * m + torch.arange(m, device=blocks.device)).reshape(-1)
-            for name, score in state.scores.items():
-                moved = perm.to(score.device)[cols.to(score.device)]
-                original = state.masks_original[name]
-                original[:, moved] = nm_mask(score[:, moved], self.pattern, name).to(original.dtype)
+            self._write_masks(state, perm, (blocks.unsqueeze(1) * m + torch.arange(m, device=blocks.device)).reshape(-1))
         state.perm = perm
         state.p = p
         state.soft = soft
+
+    def _write_masks(self, state: _GroupState, perm: Tensor, cols: Tensor) -> None:
+        """N:M masks of the permuted positions ``cols`` (whole M-blocks), written in original order: the
+        channels now at those positions, ``perm[cols]``, are exactly the ones whose original-order mask changes."""
+        for name, score in state.scores.items():
+            moved = perm.to(score.device)[cols.to(score.device)]
+            original = state.masks_original[name]
+            original[:, moved] = nm_mask(score[:, moved], self.pattern, name).to(original.dtype)
 
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:

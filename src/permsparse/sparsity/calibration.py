@@ -26,6 +26,7 @@ __all__ = [
     "merge_stats",
     "merge_stats_dicts",
     "all_reduce_stats",
+    "move_stats",
 ]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -164,7 +165,8 @@ def _total(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def _store(stats: dict[str, LayerStats], device: torch.device | str | None) -> dict[str, LayerStats]:
+def move_stats(stats: dict[str, LayerStats], device: torch.device | str | None) -> dict[str, LayerStats]:
+    """The same statistics on ``device`` (``None``: unchanged)."""
     if device is None:
         return stats
     return {
@@ -198,7 +200,7 @@ def collect_stats(
     with _eval_mode(model), torch.no_grad(), _hooks(model, layer_names, hessian, dtype) as accs:
         for batch in tqdm(batches, total=_total(batches), desc="calibration", disable=not progress):
             fwd(model, batch)
-    return _store({name: acc.stats() for name, acc in accs.items()}, store_device)
+    return move_stats({name: acc.stats() for name, acc in accs.items()}, store_device)
 
 
 def _sanitize_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +289,7 @@ def collect_stats_sequential(
                     block(*args, **kwargs)
             stats_i = {name: acc.stats() for name, acc in accs.items()}
             on_block(i, stats_i)
-            all_stats.update(_store(stats_i, store_device))
+            all_stats.update(move_stats(stats_i, store_device))
             if i + 1 < len(blocks):
                 for k, (args, kwargs) in enumerate(captured):
                     captured[k] = _replace_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
