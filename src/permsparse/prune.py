@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
-from permsparse.permutation.base import Identity, PermutationMethod, is_permutation
+from permsparse.permutation.base import Identity, PermutationMethod, WrappedMethod, is_permutation
 from permsparse.permutation.efficacy import efficacy_of, kept_ratio_of, kept_scores
 from permsparse.permutation.residual import SharedResidual
 from permsparse.sparsity.base import LayerStats, Pruner
@@ -171,12 +171,10 @@ def prune_model(
 
 def _shared_residual(permutation: object) -> SharedResidual | None:
     """The :class:`SharedResidual` in a chain of wrappers (``HeadRestricted(SharedResidual(...))``...), if any."""
-    seen = 0
-    while permutation is not None and seen < 16:
+    while isinstance(permutation, WrappedMethod):
         if isinstance(permutation, SharedResidual):
             return permutation
-        permutation = vars(permutation).get("method") if hasattr(permutation, "__dict__") else None
-        seen += 1
+        permutation = permutation.method
     return None
 
 

@@ -8,7 +8,7 @@ A block-diagonal (group-wise) permutation is stored as ``(G, g)`` local indices,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PermutationMethod",
+    "WrappedMethod",
     "Identity",
     "is_permutation",
     "invert",
@@ -55,6 +56,29 @@ class PermutationMethod(ABC):
         if not torch.isfinite(scores).all():
             raise ValueError(f"{name}: scores contain NaN or Inf; cannot search a permutation")
         return pattern
+
+
+class WrappedMethod(PermutationMethod):
+    """Base of wrappers that change the permutation of some groups and delegate the rest to ``method``
+    (:class:`~permsparse.permutation.foldable.HeadRestricted`, :class:`~permsparse.permutation.residual.SharedResidual`).
+    Attributes the wrapper lacks (e.g. RIA's ``fallbacks`` counter) are read through to the wrapped method."""
+
+    def __init__(self, method: PermutationMethod) -> None:
+        self.method = method
+
+    def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
+        return self.method.find(scores, pattern, name)
+
+    def find_group(self, scores: Tensor, pattern: NMPattern, group: BindingGroup) -> Tensor:
+        return self.method.find_group(scores, pattern, group)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "method":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.method, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.method!r})"
 
 
 class Identity(PermutationMethod):

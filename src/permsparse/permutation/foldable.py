@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from permsparse.models.binding import BindingGroup
-from permsparse.permutation.base import PermutationMethod
+from permsparse.permutation.base import PermutationMethod, WrappedMethod
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["HeadRestricted", "find_within_heads", "head_layout", "is_head_restricted", "check_foldable",
@@ -93,31 +93,17 @@ def find_within_heads(method: PermutationMethod, scores: Tensor, pattern: NMPatt
     return expand_kv_head_perms(local, num_heads).to(scores.device)
 
 
-class HeadRestricted(PermutationMethod):
+class HeadRestricted(WrappedMethod):
     """Wrap a heuristic so that attention-output groups get foldable permutations (``perm.foldable=true``).
 
     ``find_group`` runs :func:`find_within_heads` on ``v_rows`` groups and the wrapped method unchanged on every
     other group; ``find`` (no group structure known) is the wrapped method's.
     """
 
-    def __init__(self, method: PermutationMethod) -> None:
-        self.method = method
-
-    def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
-        return self.method.find(scores, pattern, name)
-
     def find_group(self, scores: Tensor, pattern: NMPattern, group: BindingGroup) -> Tensor:
         if is_head_restricted(group):
             return find_within_heads(self.method, scores, pattern, group)
         return self.method.find_group(scores, pattern, group)
-
-    def __getattr__(self, name: str):  # e.g. RIA's ``fallbacks`` counter, read through the wrapper
-        if name == "method":
-            raise AttributeError(name)
-        return getattr(self.method, name)
-
-    def __repr__(self) -> str:
-        return f"HeadRestricted({self.method!r})"
 
 
 def restrict_if_foldable(method: PermutationMethod, foldable: bool) -> PermutationMethod:

@@ -22,13 +22,12 @@ The scores must all be known before any group is pruned, so this needs statistic
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from permsparse.models.binding import BindingGroup
-from permsparse.permutation.base import PermutationMethod, is_permutation
+from permsparse.permutation.base import PermutationMethod, WrappedMethod, is_permutation
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["SharedResidual", "find_shared_residual", "is_residual", "shared_residual_if", "RESIDUAL_KEY",
@@ -60,7 +59,7 @@ def find_shared_residual(method: PermutationMethod, scores: Sequence[Tensor], pa
     return perm
 
 
-class SharedResidual(PermutationMethod):
+class SharedResidual(WrappedMethod):
     """Wrap a heuristic so that every residual-reading group gets the same permutation (``perm.residual=shared``).
 
     :meth:`prepare` (called by :func:`~permsparse.prune.prune_model` before any group is pruned) scores all
@@ -70,7 +69,7 @@ class SharedResidual(PermutationMethod):
     """
 
     def __init__(self, method: PermutationMethod) -> None:
-        self.method = method
+        super().__init__(method)
         self.perm: Tensor | None = None
 
     def prepare(self, groups: Sequence[BindingGroup], scores_of: Callable[[BindingGroup], Tensor],
@@ -82,9 +81,6 @@ class SharedResidual(PermutationMethod):
             self.perm = find_shared_residual(self.method, [scores_of(g) for g in residual], pattern).cpu()
         return self.perm
 
-    def find(self, scores: Tensor, pattern: NMPattern, name: str = "group") -> Tensor:
-        return self.method.find(scores, pattern, name)
-
     def find_group(self, scores: Tensor, pattern: NMPattern, group: BindingGroup) -> Tensor:
         if not is_residual(group):
             return self.method.find_group(scores, pattern, group)
@@ -95,14 +91,6 @@ class SharedResidual(PermutationMethod):
             raise ValueError(f"{group.name}: shared residual permutation has {self.perm.numel()} channels, "
                              f"the group reads {scores.shape[1]}")
         return self.perm.to(scores.device)
-
-    def __getattr__(self, name: str) -> Any:  # e.g. RIA's ``fallbacks`` counter, read through the wrapper
-        if name in ("method", "perm"):
-            raise AttributeError(name)
-        return getattr(self.method, name)
-
-    def __repr__(self) -> str:
-        return f"SharedResidual({self.method!r})"
 
 
 def shared_residual_if(method: PermutationMethod, residual: str) -> PermutationMethod:
