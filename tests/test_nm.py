@@ -85,3 +85,20 @@ def test_validator_reports_the_first_bad_group():
     check_nm(sparse, "2:4")
     with pytest.raises(ValueError):
         check_nm(sparse, "2:4", exact=True)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (1, 2), (4, 16), (8, 16)])
+@pytest.mark.parametrize("quantised", [False, True])
+def test_pairwise_choice_equals_the_stable_sort_reference(nm, quantised):
+    """The fast pairwise ranking (M <= 8) and the sort (larger M) both equal a stable descending sort."""
+    from permsparse.sparsity.nm import _group_ranks, keep_top_n_planes
+
+    n, m = nm
+    scores = torch.randn(37, 12 * m, generator=torch.Generator().manual_seed(n * 100 + m))
+    if quantised:
+        scores = (scores * 1.5).round()  # many exact ties
+    reference = _group_ranks(scores, m) < n
+    assert torch.equal(nm_mask(scores, f"{n}:{m}"), reference)
+    # the plane layout used by the learned method: planes[j] = position j of every group, any group order
+    planes = scores.reshape(37, 12, m).permute(2, 1, 0).contiguous()  # (m, groups, rows)
+    assert torch.equal(keep_top_n_planes(planes, n).permute(2, 1, 0).reshape(37, 12 * m), reference)

@@ -28,7 +28,7 @@ from permsparse.permutation.cost import LearnableCost
 from permsparse.permutation.foldable import check_foldable, head_layout, is_head_restricted
 from permsparse.permutation.hungarian import perm_to_matrix
 from permsparse.sparsity.base import LayerStats, Pruner
-from permsparse.sparsity.nm import NMPattern, nm_mask
+from permsparse.sparsity.nm import NMPattern, check_nm_shape, keep_top_n_planes, nm_mask
 
 __all__ = ["LearnedPermutations", "cost_key"]
 
@@ -49,14 +49,16 @@ def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
 class _GroupState:
     """Per-group tensors shared by the parametrizations of the group's linears (not a module)."""
 
-    def __init__(self, group: BindingGroup, scores: dict[str, Tensor]) -> None:
+    def __init__(self, group: BindingGroup, scores: dict[str, Tensor], dtypes: dict[str, torch.dtype]) -> None:
         self.group = group
-        self.scores = scores  # linear name -> frozen score (d_out, d_in)
+        # linear name -> frozen score, transposed to (d_in, d_out): a channel's scores are one contiguous row,
+        # so gathering the channels of changed M-blocks copies whole rows (see ``_write_masks``)
+        self.scores_t = {name: score.T.contiguous() for name, score in scores.items()}
         self.p: Tensor | None = None  # (G, g, g) matrix used in the forward pass
         self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order (soft mode)
         # hard mode: the mask in original channel order, as 0/1 in the weight's dtype (what the forward multiplies)
         self.masks_original: dict[str, Tensor] = {}
-        self.dtypes: dict[str, torch.dtype] = {}  # linear name -> weight dtype
+        self.dtypes = dtypes  # linear name -> weight dtype
         self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
         self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
 
@@ -127,10 +129,14 @@ class LearnedPermutations(nn.Module):
         self._states: dict[str, _GroupState] = {}
         object.__setattr__(self, "_model", model)  # not a submodule: only the costs are parameters here
         for index, group in enumerate(self.binding):
-            scores = {}
+            scores, dtypes = {}, {}
             for name in group.linears:
-                weight = model.get_submodule(name).weight.detach().float()
-                scores[name] = pruner.score(weight, None if stats is None else stats.get(name)).float()
+                weight = model.get_submodule(name).weight.detach()
+                scores[name] = pruner.score(weight.float(), None if stats is None else stats.get(name)).float()
+                check_nm_shape(scores[name].shape, self.pattern, name)
+                if not torch.isfinite(scores[name]).all():
+                    raise ValueError(f"{name}: scores contain NaN or Inf; cannot choose an N:M mask")
+                dtypes[name] = weight.dtype
             d_in = next(iter(scores.values())).shape[1]
             group_init = init if isinstance(init, str) else init[group.name]
             n_groups, tie = groups, 1
@@ -147,8 +153,7 @@ class LearnedPermutations(nn.Module):
             self.costs[cost_key(group.name)] = LearnableCost(
                 d_in, n_groups, group_init, init_scale, noise, normalize, seed=seed + index, tie=tie
             )
-            self._states[group.name] = _GroupState(group, scores)
-            self._states[group.name].dtypes = {name: model.get_submodule(name).weight.dtype for name in group.linears}
+            self._states[group.name] = _GroupState(group, scores, dtypes)
         self._attached = False
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -213,12 +218,12 @@ class LearnedPermutations(nn.Module):
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
         if soft:
             state.masks_original.clear()
-            for name, score in state.scores.items():
-                state.masks[name] = nm_mask(block_permute_scores(score, p.to(score.device)), self.pattern, name)
+            for name, score_t in state.scores_t.items():
+                state.masks[name] = nm_mask(block_permute_scores(score_t.T, p.to(score_t.device)), self.pattern, name)
         elif state.soft or state.perm is None or not state.masks_original:
             state.masks.clear()
-            state.masks_original = {name: torch.empty(score.shape, dtype=state.dtypes[name], device=score.device)
-                                    for name, score in state.scores.items()}
+            state.masks_original = {name: torch.empty(score_t.T.shape, dtype=state.dtypes[name], device=score_t.device)
+                                    for name, score_t in state.scores_t.items()}
             self._write_masks(state, perm, torch.arange(perm.numel()))
         elif not torch.equal(state.perm, perm):
             # Only the M-column blocks whose channels changed get a new mask (masks are per block).
@@ -232,10 +237,13 @@ class LearnedPermutations(nn.Module):
     def _write_masks(self, state: _GroupState, perm: Tensor, cols: Tensor) -> None:
         """N:M masks of the permuted positions ``cols`` (whole M-blocks), written in original order: the
         channels now at those positions, ``perm[cols]``, are exactly the ones whose original-order mask changes."""
-        for name, score in state.scores.items():
-            moved = perm.to(score.device)[cols.to(score.device)]
+        m, n = self.pattern.m, self.pattern.n
+        for name, score_t in state.scores_t.items():
+            # plane j holds the channels at offset j of every changed block: rows of the transposed scores
+            order = perm.to(score_t.device)[cols.to(score_t.device)].reshape(-1, m).T.reshape(-1)
+            keep = keep_top_n_planes(score_t.index_select(0, order).view(m, -1, score_t.shape[1]), n)
             original = state.masks_original[name]
-            original[:, moved] = nm_mask(score[:, moved], self.pattern, name).to(original.dtype)
+            original[:, order] = keep.view(-1, score_t.shape[1]).T.to(original.dtype)
 
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:

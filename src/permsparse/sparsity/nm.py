@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NMPattern", "nm_mask", "check_nm_shape", "check_nm", "is_nm", "nm_kept_score"]
+__all__ = ["NMPattern", "nm_mask", "keep_top_n_planes", "check_nm_shape", "check_nm", "is_nm", "nm_kept_score"]
 
 _PATTERN_RE = re.compile(r"^\s*(-?\d+)\s*[:/]\s*(-?\d+)\s*$")
 
@@ -82,6 +82,30 @@ def _group_ranks(scores: Tensor, m: int) -> Tensor:
     return ranks.reshape(d_out, d_in)
 
 
+# Up to this M the mask comes from pairwise comparisons (M (M - 1) / 2 elementwise ops on contiguous planes),
+# which on CPU is 3-5x faster than sorting millions of tiny groups; larger M sorts.
+_PAIRWISE_MAX_M = 8
+
+
+def keep_top_n_planes(planes: Tensor, n: int) -> Tensor:
+    """The N:M choice on scores laid out as ``M`` planes: ``planes[j]`` holds position ``j`` of every group.
+
+    Returns a bool tensor of ``planes``' shape, True for the ``n`` largest of each group (the entries at
+    the same index of every plane); on ties the lower position wins, as in :func:`nm_mask`.
+    """
+    m = planes.shape[0]
+    if m > _PAIRWISE_MAX_M:
+        flat = planes.reshape(m, -1).T  # (groups, m)
+        return (_group_ranks(flat, m) < n).T.reshape(planes.shape)
+    beaten = torch.zeros(planes.shape, dtype=torch.uint8, device=planes.device)  # how many outrank each entry
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_wins = planes[j] > planes[i]  # strictly: on a tie the lower position i wins
+            beaten[i] += j_wins
+            beaten[j] += ~j_wins
+    return beaten < n
+
+
 def nm_mask(scores: Tensor, pattern: NMPattern | str, name: str = "tensor") -> Tensor:
     """Boolean mask keeping the ``n`` largest scores of every ``m`` consecutive input channels of each row.
 
@@ -91,7 +115,11 @@ def nm_mask(scores: Tensor, pattern: NMPattern | str, name: str = "tensor") -> T
     check_nm_shape(scores.shape, pattern, name)
     if scores.is_floating_point() and not torch.isfinite(scores).all():
         raise ValueError(f"{name}: scores contain NaN or Inf; cannot choose an N:M mask")
-    return _group_ranks(scores.detach(), pattern.m) < pattern.n
+    d_out, d_in = scores.shape
+    if pattern.m > _PAIRWISE_MAX_M:
+        return _group_ranks(scores.detach(), pattern.m) < pattern.n
+    planes = scores.detach().reshape(d_out, d_in // pattern.m, pattern.m).permute(2, 0, 1).contiguous()
+    return keep_top_n_planes(planes, pattern.n).permute(1, 2, 0).reshape(d_out, d_in)
 
 
 def nm_kept_score(scores: Tensor, pattern: NMPattern | str) -> Tensor:
