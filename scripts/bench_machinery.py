@@ -3,9 +3,17 @@
 Machinery = for every binding group: Sinkhorn (forward + backward), Hungarian hardening, N:M masks of
 the permuted scores, and the masked-weight products ``((W P) * M) P^T`` (forward + backward to ``P``).
 Model step = one forward + backward of the same model at the same batch (weights requiring grad, as
-in ordinary training). Default: SmolLM2-135M at batch 4 x 256 tokens, Wanda-style scores.
+in ordinary training). Default: SmolLM2-135M at batch 4 x 256 tokens, magnitude scores.
 
-    python scripts/bench_machinery.py [--tiny] [--batch 4] [--seq-len 256] [--repeats 3]
+The machinery is timed in a training-like state, not a frozen one: before every timed call the costs
+take one small random step (``--step``, relative to their spread), so permutations change and masks are
+recomputed as they are during training; the script prints how many channels and M-blocks changed per
+call and how many Hungarian blocks needed scipy. The costs start either from a real run's checkpoint
+(``--costs results/.../checkpoints/last.ckpt``) or from the identity initialisation of
+``conf/perm/learned.yaml`` plus noise of the same size (``--spread``), which like a trained state is
+far enough from a permutation that nearly every block needs a full assignment solve.
+
+    python scripts/bench_machinery.py [--tiny] [--batch 4] [--seq-len 256] [--repeats 3] [--costs CKPT]
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ from permsparse.permutation.learned import LearnedPermutations, cost_key
 from permsparse.sparsity.pruners import MagnitudePruner
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, setup=lambda: None) -> float:
+    setup()
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        setup()
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
@@ -37,8 +47,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--sinkhorn-iters", type=int, default=20)
-    parser.add_argument("--warm-iters", type=int, default=None,
-                        help="warm-start Sinkhorn with this many iterations (conf/perm/learned.yaml: 5)")
+    parser.add_argument("--warm-iters", type=int, default=5,
+                        help="warm-start Sinkhorn with this many iterations (conf/perm/learned.yaml: 5; 0: from scratch)")
+    parser.add_argument("--tau", type=float, default=0.5)
+    parser.add_argument("--costs", default=None, help="start from the costs in this checkpoint (a learned run's last.ckpt)")
+    parser.add_argument("--spread", type=float, default=1.0,
+                        help="without --costs: noise added to the identity cost, relative to init_scale")
+    parser.add_argument("--step", type=float, default=0.05,
+                        help="cost change before each timed call, relative to the cost's spread. 0.05 changes about "
+                             "15%% of the channels and 46%% of the M-blocks per call, as one AdamW step at the peak "
+                             "lr (0.01) does to the default run's trained costs (16%% and 48%%)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -62,44 +80,75 @@ def main() -> None:
     t_model = timed(model_step, args.repeats)
     model.zero_grad(set_to_none=True)
 
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups)
+    init_scale = 0.05  # conf/perm/learned.yaml
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups, init_scale=init_scale)
     learned.attach()  # freezes the model
+    warm = args.warm_iters or None
     spec = get_spec(model)
     linears = [(g.name, n) for g in spec.groups(model) for n in g.linears]
     gen = torch.Generator().manual_seed(1)
     upstream = {n: torch.randn(model.get_submodule(n).parametrizations.weight.original.shape, generator=gen)
                 for _, n in linears}
 
+    costs = {name: learned.costs[cost_key(name)] for name in learned.group_names}
+    if args.costs:
+        state = torch.load(args.costs, map_location="cpu", weights_only=False)["state_dict"]
+        with torch.no_grad():
+            for key, cost in learned.costs.items():
+                cost.raw.copy_(state[f"permutations.costs.{key}.raw"])
+    else:
+        with torch.no_grad():
+            for cost in costs.values():
+                cost.raw.add_(args.spread * init_scale * torch.randn(cost.raw.shape, generator=gen))
+    changes = []
+
+    def training_step_of_the_costs() -> None:
+        """One small random step of every cost, like an optimiser step; records what it changed."""
+        before = learned.current_permutations()
+        with torch.no_grad():
+            for cost in costs.values():
+                cost.raw.add_(args.step * cost.raw.std() * torch.randn(cost.raw.shape, generator=gen))
+        changes.append(before)
+
     def refresh_only() -> None:
         learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
+        learned.refresh(tau=args.tau, hard=True, n_iters=args.sinkhorn_iters, warm_iters=warm)
 
     def machinery() -> None:
         learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
+        learned.refresh(tau=args.tau, hard=True, n_iters=args.sinkhorn_iters, warm_iters=warm)
         # The model's backward hands each masked weight its gradient; feed it directly (no extra loss terms).
         weights = [model.get_submodule(name).weight for _, name in linears]
         torch.autograd.backward(weights, [upstream[name] for _, name in linears])
 
-    # Make every group's permutation change between calls so the masks are really recomputed.
-    for cost in learned.costs.values():
-        with torch.no_grad():
-            cost.raw.add_(0.5 * torch.randn(cost.raw.shape, generator=gen))
-    t_refresh = timed(refresh_only, args.repeats)
-    t_machinery = timed(machinery, args.repeats)
+    refresh_only()
+    scipy_blocks = _count_scipy_blocks(learned, args.tau)
+    t_refresh = timed(refresh_only, args.repeats, training_step_of_the_costs)
+    t_machinery = timed(machinery, args.repeats, training_step_of_the_costs)
+    moved_channels, moved_blocks, total_channels = 0, 0, 0
+    before, after = changes[-1], learned.current_permutations()
+    for name, perm in after.items():
+        diff = perm != before[name]
+        moved_channels += int(diff.sum())
+        moved_blocks += int(diff.reshape(-1, 4).any(-1).sum())
+        total_channels += perm.numel()
 
     def frozen_step() -> None:
         learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=0.5, hard=True, n_iters=args.sinkhorn_iters, warm_iters=args.warm_iters)
+        learned.refresh(tau=args.tau, hard=True, n_iters=args.sinkhorn_iters, warm_iters=warm)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
 
-    t_learn_step = timed(frozen_step, args.repeats)
+    t_learn_step = timed(frozen_step, args.repeats, training_step_of_the_costs)
     learned.detach_model()
     n_groups = len(learned.group_names)
     sizes = sorted({(c.groups, c.group_size) for c in (learned.costs[cost_key(g)] for g in learned.group_names)})
-    print(f"{n_groups} binding groups, cost blocks (G, g): {sizes}; Sinkhorn {args.sinkhorn_iters} iterations"
-          + (f", warm-started with {args.warm_iters}" if args.warm_iters else ", from scratch every step"))
+    print(f"{n_groups} binding groups, cost blocks (G, g): {sizes}; tau {args.tau}; Sinkhorn "
+          + (f"warm-started with {warm} iterations" if warm else f"{args.sinkhorn_iters} iterations from scratch every step"))
+    print(f"costs: {'from ' + args.costs if args.costs else f'identity + noise (spread {args.spread})'}; "
+          f"per timed call a step of {args.step} x spread changed {moved_channels / total_channels:.1%} of the channels "
+          f"and {moved_blocks / (total_channels // 4):.1%} of the M-blocks; "
+          f"Hungarian blocks solved by scipy: {scipy_blocks[0]} of {scipy_blocks[1]}")
     print(f"{'':<58}{'seconds':>10}{'/ model step':>15}")
     rows = [
         ("model forward+backward (weights require grad)", t_model),
@@ -109,6 +158,17 @@ def main() -> None:
     ]
     for name, t in rows:
         print(f"{name:<58}{t:>10.3f}{t / t_model:>14.1%}")
+
+
+def _count_scipy_blocks(learned: LearnedPermutations, tau: float) -> tuple[int, int]:
+    """Blocks whose Sinkhorn matrix is not a near-permutation (row argmaxes collide), so Hungarian runs scipy."""
+    need = total = 0
+    for name in learned.group_names:
+        soft, _ = learned.costs[cost_key(name)](tau, hard=False)
+        cols = soft.detach().argmax(-1)
+        need += int((cols.sort(-1).values != torch.arange(cols.shape[-1])).any(-1).sum())
+        total += cols.shape[0]
+    return need, total
 
 
 if __name__ == "__main__":

@@ -68,3 +68,52 @@ def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
         assert module.training_step(batch, 1) is None
     with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
         module.training_step(batch, 2)
+
+
+def test_cost_gradients_equal_the_plain_straight_through_formula():
+    """The fast path (stacked Sinkhorn, original-order masks, the Sinkhorn matrix carrying the straight-through
+    gradient) gives the costs the gradient of METHOD.md 4.4 written out plainly:
+    ``W_eff = ((W P) * M(P)) P^T`` with ``P = P_hard + P_soft - P_soft.detach()``, by dense block products."""
+    import copy
+
+    from torch.func import functional_call
+
+    from permsparse.permutation.apply import permuted_masked_weight
+    from permsparse.permutation.base import block_to_global
+    from permsparse.permutation.hungarian import hungarian, perm_to_matrix, straight_through
+    from permsparse.permutation.sinkhorn import log_sinkhorn
+    from permsparse.sparsity.nm import nm_mask
+
+    model = tiny_llama(seed=0)
+    reference_model = copy.deepcopy(model)
+    ids = _data(2)
+
+    def loss_of(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4).attach()
+    with torch.no_grad():  # away from the identity, so permutations and masks are not trivial
+        for index, cost in enumerate(learned.costs.values()):
+            cost.raw.add_(0.7 * torch.randn(cost.raw.shape, generator=torch.Generator().manual_seed(index)))
+    learned.refresh(tau=0.5, hard=True, n_iters=20)
+    loss_of(model(input_ids=ids).logits).backward()
+
+    weights, raws = {}, {}
+    for group in learned.binding:
+        cost = learned.costs[group.name.replace(".", "__")]
+        raws[group.name] = raw = cost.raw.detach().clone().requires_grad_(True)
+        std, mean = torch.std_mean(raw, dim=(-2, -1), keepdim=True)
+        soft = log_sinkhorn((raw - mean) / (std + cost.eps), 0.5, 20).exp()
+        local = hungarian(soft.detach())
+        p = straight_through(perm_to_matrix(local), soft)
+        perm = block_to_global(local)
+        assert torch.equal(perm, learned.current_permutations()[group.name])
+        assert not torch.equal(perm, torch.arange(perm.numel()))
+        for name in group.linears:
+            weight = reference_model.get_submodule(name).weight.detach()
+            weights[f"{name}.weight"] = permuted_masked_weight(weight, p, nm_mask(weight.abs()[:, perm], "2:4"))
+    loss_of(functional_call(reference_model, weights, kwargs={"input_ids": ids}).logits).backward()
+    for group in learned.binding:
+        fast = learned.costs[group.name.replace(".", "__")].raw.grad
+        assert fast.abs().sum() > 0
+        assert torch.allclose(fast, raws[group.name].grad, rtol=1e-4, atol=1e-6), group.name

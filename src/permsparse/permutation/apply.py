@@ -51,23 +51,26 @@ class _HardPermutedMask(torch.autograd.Function):
     ``P`` is the one autograd gives through the dense block products, ``W^T ((G P) * M) + G^T ((W P) * M)``
     per group, computed as ``(W^T (G * M P^T) + G^T (W * M P^T)) P``: two batched matmuls in original order
     and a column permutation of the small ``(G, g, g)`` result, so neither ``W`` nor ``G`` is gathered.
+    ``p``'s value is not read: it only carries that gradient (to a straight-through matrix, or to the
+    Sinkhorn matrix behind one, which receives the same gradient).
     """
 
     @staticmethod
     def forward(ctx, weight: Tensor, p: Tensor, local_perm: Tensor, mask_original: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight, local_perm, mask_original)
-        return weight * mask_original
+        masked = weight * mask_original
+        # the output is W * M P^T, which the backward needs as well: saving it costs no memory (the layer keeps it)
+        ctx.save_for_backward(weight, local_perm, mask_original, masked)
+        return masked
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, local, mask = ctx.saved_tensors
+        weight, local, mask, masked = ctx.saved_tensors
         groups, size = local.shape
         d_out = weight.shape[0]
-        w, mask = weight.to(grad.dtype), mask.to(grad.dtype)  # a 0/1 float mask: multiplying by a bool
-        gm = (grad * mask).reshape(d_out, groups, size)        # mask is ~20x slower on CPU
-        wm = (w * mask).reshape(d_out, groups, size)
+        w, mask, masked = weight.to(grad.dtype), mask.to(grad.dtype), masked.to(grad.dtype)
+        gm = (grad * mask).reshape(d_out, groups, size)  # a 0/1 float mask: multiplying by a bool mask is ~20x slower on CPU
         block = torch.einsum("ogi,ogj->gij", w.reshape(d_out, groups, size), gm)
-        block = block + torch.einsum("ogi,ogj->gij", grad.reshape(d_out, groups, size), wm)
+        block = block + torch.einsum("ogi,ogj->gij", grad.reshape(d_out, groups, size), masked.reshape(d_out, groups, size))
         # right-multiplying by the block permutation matrix: column j takes column local[j]
         return None, torch.gather(block, 2, local.unsqueeze(1).expand(groups, size, size)), None, None
 
@@ -76,6 +79,8 @@ def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_pe
                                 mask_original: Tensor | None = None) -> Tensor:
     """Same value and ``P``-gradient as :func:`permuted_masked_weight` when ``p`` is (in value) the permutation
     matrix of ``perm`` (e.g. a straight-through estimate), at the cost of one masked copy in the forward pass.
+    ``p``'s value is never read, so the Sinkhorn matrix behind a straight-through estimate may be passed
+    instead: it receives the same gradient.
 
     Give the mask either in permuted order (``mask_permuted``, as chosen on the permuted scores) or, cheaper
     when it is reused across steps, already in original order (``mask_original = mask_permuted[:, argsort(perm)]``,

@@ -30,21 +30,30 @@ def hungarian(scores: Tensor, maximize: bool = True) -> Tensor:
     batch = scores.unsqueeze(0) if single else scores
     if batch.dim() != 3 or batch.shape[-1] != batch.shape[-2]:
         raise ValueError(f"hungarian needs (G, g, g) square matrices, got shape {tuple(scores.shape)}")
-    mats = batch.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(mats).all():
+    batch = batch.detach()
+    # A sum is finite iff every entry is (or it overflowed: then look closer); one pass instead of a bool copy.
+    if not torch.isfinite(batch.sum()) and not torch.isfinite(batch).all():
         raise ValueError("hungarian: the assignment matrix contains NaN or Inf")
     # Shortcut, exact: if every row's best column is distinct, that assignment attains the sum of the row
     # optima, an upper (lower, when minimising) bound on any assignment, so it is optimal. Near the end of
-    # annealing nearly every group qualifies and scipy is only called for the rest.
-    cols = (mats.argmax(-1) if maximize else mats.argmin(-1)).astype(np.int64)
-    g = mats.shape[-1]
-    is_bijection = (np.sort(cols, axis=-1) == np.arange(g)).all(-1)
-    todo = np.flatnonzero(~is_bijection)
+    # annealing many groups qualify and scipy is only called for the rest.
+    best = batch.argmax(-1) if maximize else batch.argmin(-1)  # first best column on ties, as numpy's
+    g = batch.shape[-1]
+    is_bijection = (best.sort(-1).values == torch.arange(g, device=best.device)).all(-1)
+    cols = best.cpu().numpy().copy()
+    todo = torch.nonzero(~is_bijection).flatten().tolist()
+    mats = batch.cpu().numpy() if todo else None
+
+    def solve(k: int) -> tuple[np.ndarray, np.ndarray]:
+        # scipy solves in float64: the block is widened (exactly) in the worker, by numpy. No torch op may run in
+        # a worker: each thread would start its own OpenMP team, whose spinning slows every later op.
+        return linear_sum_assignment(mats[k].astype(np.float64), maximize=maximize)
+
     if len(todo) > 1 and torch.get_num_threads() > 1:
         # scipy's solver releases the GIL, so blocks are solved side by side (1.8x on 2 cores).
-        results = _pool().map(lambda k: linear_sum_assignment(mats[k], maximize=maximize), todo)
+        results = _pool().map(solve, todo)
     else:
-        results = (linear_sum_assignment(mats[k], maximize=maximize) for k in todo)
+        results = map(solve, todo)
     for k, (rows, col) in zip(todo, results, strict=True):
         cols[k, rows] = col
     # cols[k, i] = position of channel i; the package convention wants its inverse.

@@ -24,7 +24,7 @@ from permsparse.permutation.apply import (
     permuted_masked_weight,
 )
 from permsparse.permutation.base import block_to_global, global_to_block
-from permsparse.permutation.cost import LearnableCost
+from permsparse.permutation.cost import LearnableCost, solve_costs
 from permsparse.permutation.foldable import check_foldable, head_layout, is_head_restricted
 from permsparse.permutation.hungarian import perm_to_matrix
 from permsparse.sparsity.base import LayerStats, Pruner
@@ -54,7 +54,9 @@ class _GroupState:
         # linear name -> frozen score, transposed to (d_in, d_out): a channel's scores are one contiguous row,
         # so gathering the channels of changed M-blocks copies whole rows (see ``_write_masks``)
         self.scores_t = {name: score.T.contiguous() for name, score in scores.items()}
-        self.p: Tensor | None = None  # (G, g, g) matrix used in the forward pass
+        # (G, g, g): soft mode, the Sinkhorn matrix the forward uses; hard mode, the carrier of the straight-through
+        # gradient (the Sinkhorn matrix while learning, the permutation matrix after ``set_permutations``)
+        self.p: Tensor | None = None
         self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order (soft mode)
         # hard mode: the mask in original channel order, as 0/1 in the weight's dtype (what the forward multiplies)
         self.masks_original: dict[str, Tensor] = {}
@@ -197,13 +199,13 @@ class LearnedPermutations(nn.Module):
 
         Returns the largest doubly-stochastic residual of the Sinkhorn matrices (a convergence check).
         """
-        residual = 0.0
-        for group_name, state in self._states.items():
-            cost = self.costs[cost_key(group_name)]
-            p, local = cost(tau, n_iters, hard, gumbel_scale, generator, warm_iters)
-            residual = max(residual, cost.last_residual)
+        costs = [self.costs[cost_key(name)] for name in self._states]
+        # hard: the masked weight takes the permutation from ``perm`` and P only as the carrier of the
+        # straight-through gradient, so the Sinkhorn matrix itself is passed (same gradient, no hard matrix built)
+        solved = solve_costs(costs, tau, n_iters, hard, gumbel_scale, generator, warm_iters, hard_value=False)
+        for state, (p, local) in zip(self._states.values(), solved, strict=True):
             self._set(state, p, block_to_global(local), soft=not hard)
-        return residual
+        return max(cost.last_residual for cost in costs)
 
     @torch.no_grad()
     def set_permutations(self, perms: Mapping[str, Tensor]) -> None:
