@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from permsparse.permutation.base import block_to_global, global_to_block
-from permsparse.permutation.hungarian import hungarian, perm_to_matrix, straight_through
+from permsparse.permutation.hungarian import hungarian, hungarian_many, perm_to_matrix, straight_through
 from permsparse.permutation.sinkhorn import log_sinkhorn, log_sinkhorn_warm
 
 __all__ = ["LearnableCost", "solve_costs", "standardize_blocks"]
@@ -171,12 +171,18 @@ def solve_costs(
     for index, cost in enumerate(costs):
         key = (cost.group_size, cost.normalize, cost.eps, bool(cost.warm), cost.raw.device, cost.raw.dtype)
         stacks.setdefault(key, []).append(index)
-    for same_size in stacks.values():
-        for indices in _chunks(costs, same_size):
-            members = [costs[i] for i in indices]
-            solved = _solve_stack(members, tau, n_iters, hard and hard_value, gumbel_scale, generator, warm_iters)
-            for index, out in zip(indices, solved, strict=True):
-                results[index] = out
+    solved = [(indices, _sinkhorn_stack([costs[i] for i in indices], tau, n_iters, gumbel_scale, generator, warm_iters))
+              for same_size in stacks.values() for indices in _chunks(costs, same_size)]
+    # every stack's assignments in one pass of the solver threads
+    perms = hungarian_many([soft.detach() for _, soft in solved], maximize=True)
+    for (indices, soft), perm in zip(solved, perms, strict=True):
+        p = straight_through(perm_to_matrix(perm, soft.dtype), soft) if hard and hard_value else soft
+        sizes = [costs[i].raw.shape[0] for i in indices]
+        for index, p_part, perm_part in zip(indices, p.split(sizes), perm.split(sizes), strict=True):
+            tie = costs[index].tie
+            if tie > 1:  # after Sinkhorn, so tied groups share the (Gumbel-noised) matrix and its gradient
+                p_part, perm_part = p_part.repeat_interleave(tie, dim=0), perm_part.repeat_interleave(tie, dim=0)
+            results[index] = (p_part, perm_part)
     return results  # type: ignore[return-value]
 
 
@@ -199,8 +205,9 @@ def _chunks(costs: Sequence[LearnableCost], indices: list[int]) -> list[list[int
     return chunks
 
 
-def _solve_stack(costs: list[LearnableCost], tau: float, n_iters: int, hard: bool, gumbel_scale: float,
-                 generator: torch.Generator | None, warm_iters: int | None) -> list[tuple[Tensor, Tensor]]:
+def _sinkhorn_stack(costs: list[LearnableCost], tau: float, n_iters: int, gumbel_scale: float,
+                    generator: torch.Generator | None, warm_iters: int | None) -> Tensor:
+    """The Sinkhorn matrices of ``costs`` stacked; updates their potentials and ``last_residual``."""
     first = costs[0]
     raw = torch.cat([c.raw for c in costs]) if len(costs) > 1 else first.raw
     cost = standardize_blocks(raw, first.eps) if first.normalize else raw
@@ -220,14 +227,8 @@ def _solve_stack(costs: list[LearnableCost], tau: float, n_iters: int, hard: boo
     soft = log_p.exp()
     with torch.no_grad():
         residuals = torch.maximum((soft.sum(-1) - 1).abs().amax(-1), (soft.sum(-2) - 1).abs().amax(-1)).tolist()
-    perm = hungarian(soft.detach(), maximize=True)
-    p = straight_through(perm_to_matrix(perm, soft.dtype), soft) if hard else soft
-    out = []
     offset = 0
-    for c, size, p_part, perm_part in zip(costs, sizes, p.split(sizes), perm.split(sizes), strict=True):
+    for c, size in zip(costs, sizes, strict=True):
         c.last_residual = max(residuals[offset:offset + size])
         offset += size
-        if c.tie > 1:  # after Sinkhorn, so tied groups share the (Gumbel-noised) matrix and its gradient
-            p_part, perm_part = p_part.repeat_interleave(c.tie, dim=0), perm_part.repeat_interleave(c.tie, dim=0)
-        out.append((p_part, perm_part))
-    return out
+    return soft

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from permsparse.permutation.base import invert
 
-__all__ = ["hungarian", "perm_to_matrix", "straight_through"]
+__all__ = ["hungarian", "hungarian_many", "perm_to_matrix", "straight_through"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,38 +28,49 @@ def hungarian(scores: Tensor, maximize: bool = True) -> Tensor:
     follows the package convention ``perm[k, j] = i`` (position ``j`` holds channel ``i``).
     """
     single = scores.dim() == 2
-    batch = scores.unsqueeze(0) if single else scores
-    if batch.dim() != 3 or batch.shape[-1] != batch.shape[-2]:
-        raise ValueError(f"hungarian needs (G, g, g) square matrices, got shape {tuple(scores.shape)}")
-    batch = batch.detach()
-    # A sum is finite iff every entry is (or it overflowed: then look closer); one pass instead of a bool copy.
-    if not torch.isfinite(batch.sum()) and not torch.isfinite(batch).all():
-        raise ValueError("hungarian: the assignment matrix contains NaN or Inf")
-    # Shortcut, exact: if every row's best column is distinct, that assignment attains the sum of the row
-    # optima, an upper (lower, when minimising) bound on any assignment, so it is optimal. Near the end of
-    # annealing many groups qualify and scipy is only called for the rest.
-    best = batch.argmax(-1) if maximize else batch.argmin(-1)  # first best column on ties, as numpy's
-    g = batch.shape[-1]
-    is_bijection = (best.sort(-1).values == torch.arange(g, device=best.device)).all(-1)
-    cols = best.cpu().numpy().copy()
-    todo = torch.nonzero(~is_bijection).flatten().tolist()
-    mats = batch.cpu().numpy() if todo else None
+    perm = hungarian_many([scores.unsqueeze(0) if single else scores], maximize)[0]
+    return perm[0] if single else perm
 
-    def solve(k: int) -> tuple[np.ndarray, np.ndarray]:
+
+def hungarian_many(batches: Sequence[Tensor], maximize: bool = True) -> list[Tensor]:
+    """:func:`hungarian` of several ``(G, g, g)`` tensors (sizes may differ), with every block that needs scipy
+    solved in one pass of the solver threads: one hand-off instead of one per tensor, which matters when the
+    threads must first win the cores back from torch's spinning OpenMP workers."""
+    for batch in batches:
+        if batch.dim() != 3 or batch.shape[-1] != batch.shape[-2]:
+            raise ValueError(f"hungarian needs (G, g, g) square matrices, got shape {tuple(batch.shape)}")
+    all_cols, mats, todo = [], [], []
+    for index, batch in enumerate(batches):
+        batch = batch.detach()
+        # A sum is finite iff every entry is (or it overflowed: then look closer); one pass, not a bool copy.
+        if not torch.isfinite(batch.sum()) and not torch.isfinite(batch).all():
+            raise ValueError("hungarian: the assignment matrix contains NaN or Inf")
+        # Shortcut, exact: if every row's best column is distinct, that assignment attains the sum of the row
+        # optima, an upper (lower, when minimising) bound on any assignment, so it is optimal. Near the end of
+        # annealing many groups qualify and scipy is only called for the rest.
+        best = batch.argmax(-1) if maximize else batch.argmin(-1)  # first best column on ties, as numpy's
+        g = batch.shape[-1]
+        is_bijection = (best.sort(-1).values == torch.arange(g, device=best.device)).all(-1)
+        all_cols.append(best.cpu().numpy().copy())
+        blocks = torch.nonzero(~is_bijection).flatten().tolist()
+        mats.append(batch.cpu().numpy() if blocks else None)
+        todo += [(index, k) for k in blocks]
+
+    def solve(job: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         # scipy solves in float64: the block is widened (exactly) in the worker, by numpy. No torch op may run in
         # a worker: each thread would start its own OpenMP team, whose spinning slows every later op.
-        return linear_sum_assignment(mats[k].astype(np.float64), maximize=maximize)
+        index, k = job
+        return linear_sum_assignment(mats[index][k].astype(np.float64), maximize=maximize)
 
     if len(todo) > 1 and torch.get_num_threads() > 1:
         # scipy's solver releases the GIL, so blocks are solved side by side (1.8x on 2 cores).
         results = _pool().map(solve, todo)
     else:
         results = map(solve, todo)
-    for k, (rows, col) in zip(todo, results, strict=True):
-        cols[k, rows] = col
+    for (index, k), (rows, col) in zip(todo, results, strict=True):
+        all_cols[index][k, rows] = col
     # cols[k, i] = position of channel i; the package convention wants its inverse.
-    perm = invert(torch.from_numpy(cols)).to(scores.device)
-    return perm[0] if single else perm
+    return [invert(torch.from_numpy(cols)).to(batch.device) for cols, batch in zip(all_cols, batches, strict=True)]
 
 
 def perm_to_matrix(perm: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

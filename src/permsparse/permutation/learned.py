@@ -240,12 +240,13 @@ class LearnedPermutations(nn.Module):
         """N:M masks of the permuted positions ``cols`` (whole M-blocks), written in original order: the
         channels now at those positions, ``perm[cols]``, are exactly the ones whose original-order mask changes."""
         m, n = self.pattern.m, self.pattern.n
+        # plane j holds the channels at offset j of every changed block: rows of the transposed scores
+        order = perm[cols.to(perm.device)].reshape(-1, m).T.reshape(-1)
         for name, score_t in state.scores_t.items():
-            # plane j holds the channels at offset j of every changed block: rows of the transposed scores
-            order = perm.to(score_t.device)[cols.to(score_t.device)].reshape(-1, m).T.reshape(-1)
-            keep = keep_top_n_planes(score_t.index_select(0, order).view(m, -1, score_t.shape[1]), n)
+            rows = order.to(score_t.device)
+            keep = keep_top_n_planes(score_t.index_select(0, rows).view(m, -1, score_t.shape[1]), n)
             original = state.masks_original[name]
-            original[:, order] = keep.view(-1, score_t.shape[1]).T.to(original.dtype)
+            original[:, rows] = keep.view(-1, score_t.shape[1]).T.to(original.dtype)
 
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:

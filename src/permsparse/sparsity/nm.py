@@ -97,12 +97,16 @@ def keep_top_n_planes(planes: Tensor, n: int) -> Tensor:
     if m > _PAIRWISE_MAX_M:
         flat = planes.reshape(m, -1).T  # (groups, m)
         return (_group_ranks(flat, m) < n).T.reshape(planes.shape)
-    beaten = torch.zeros(planes.shape, dtype=torch.uint8, device=planes.device)  # how many outrank each entry
+    # beaten[j] = how many entries of the group outrank entry j. Start from j (every lower position outranks j
+    # unless j wins) and move one point per pairwise win; uint8 throughout (bools viewed as uint8, no copies):
+    # intermediate values may wrap around, the final counts in [0, m) are exact.
+    beaten = torch.arange(m, dtype=torch.uint8, device=planes.device).reshape(-1, *([1] * (planes.dim() - 1)))
+    beaten = beaten.expand(planes.shape).clone()
     for i in range(m):
         for j in range(i + 1, m):
-            j_wins = planes[j] > planes[i]  # strictly: on a tie the lower position i wins
-            beaten[i] += j_wins
-            beaten[j] += ~j_wins
+            j_wins = (planes[j] > planes[i]).view(torch.uint8)  # strictly: on a tie the lower position i wins
+            beaten[i].add_(j_wins)  # not "+=": that would also write the row back through __setitem__
+            beaten[j].sub_(j_wins)
     return beaten < n
 
 
