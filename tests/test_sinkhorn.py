@@ -288,3 +288,13 @@ def test_stacked_solve_equals_one_call_per_cost(warm_iters):
             assert torch.allclose(a.row_potential, b.row_potential, atol=1e-5)
             assert a.last_residual == pytest.approx(b.last_residual, abs=1e-6)
             assert p2.shape[0] == a.groups  # tied costs come back repeated
+
+
+def test_warm_started_sinkhorn_gradient_passes_gradcheck():
+    from permsparse.permutation.sinkhorn import log_sinkhorn_warm
+
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.randn(2, 5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    potentials = (torch.randn(2, 5, dtype=torch.float64, generator=gen), torch.randn(2, 5, dtype=torch.float64, generator=gen))
+    assert torch.autograd.gradcheck(lambda c: log_sinkhorn_warm(c, 0.7, 3, potentials)[0], (cost,))
+    assert torch.autograd.gradcheck(lambda c: log_sinkhorn_warm(c, 0.7, 3, None)[0], (cost,))

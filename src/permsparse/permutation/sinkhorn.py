@@ -72,16 +72,18 @@ def log_sinkhorn_warm(
         raise ValueError(f"Sinkhorn needs square cost matrices, got shape {tuple(cost.shape)}")
     if tau <= 0:
         raise ValueError(f"Sinkhorn temperature must be > 0, got tau={tau}")
-    log_alpha = -cost / tau
-    if gumbel_scale > 0:
-        noise = sample_gumbel(cost.shape, generator=generator, device=cost.device, dtype=cost.dtype)
-        log_alpha = log_alpha + gumbel_scale * noise / tau
     if potentials is None:
         f = torch.zeros(cost.shape[:-1], dtype=cost.dtype, device=cost.device)
         g = torch.zeros_like(f)
+        log_alpha = cost / -tau
     else:
-        f, g = (p.to(cost.dtype) / tau for p in potentials)
-        log_alpha = log_alpha + f.unsqueeze(-1) + g.unsqueeze(-2)
+        f_cost, g_cost = (p.to(cost.dtype) for p in potentials)
+        # (f + g - C) / tau in three passes over the matrix (two of them in place)
+        log_alpha = (f_cost.unsqueeze(-1) + g_cost.unsqueeze(-2)).sub_(cost).div_(tau)
+        f, g = f_cost / tau, g_cost / tau
+    if gumbel_scale > 0:
+        noise = sample_gumbel(cost.shape, generator=generator, device=cost.device, dtype=cost.dtype)
+        log_alpha = log_alpha + gumbel_scale * noise / tau
     for _ in range(max(n_iters, 1)):
         rows = torch.log_softmax(log_alpha, dim=-1)  # log_alpha - logsumexp over each row
         cols = torch.log_softmax(rows, dim=-2)
