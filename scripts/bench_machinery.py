@@ -13,12 +13,16 @@ call and how many Hungarian blocks needed scipy. The costs start either from a r
 ``conf/perm/learned.yaml`` plus noise of the same size (``--spread``), which like a trained state is
 far enough from a permutation that nearly every block needs a full assignment solve.
 
-    python scripts/bench_machinery.py [--tiny] [--batch 4] [--seq-len 256] [--repeats 3] [--costs CKPT]
+Timing on a shared machine drifts, so the four measurements are interleaved: each of ``--rounds`` rounds
+times every one of them once, and the table gives medians, with the per-round ratio's range beside it.
+
+    python scripts/bench_machinery.py [--tiny] [--batch 4] [--seq-len 256] [--rounds 5] [--costs CKPT]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,16 +32,11 @@ from permsparse.permutation.learned import LearnedPermutations, cost_key
 from permsparse.sparsity.pruners import MagnitudePruner
 
 
-def timed(fn, repeats: int, setup=lambda: None) -> float:
+def timed(fn, setup=lambda: None) -> float:
     setup()
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        setup()
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -57,7 +56,7 @@ def main() -> None:
                         help="cost change before each timed call, relative to the cost's spread. 0.05 changes about "
                              "15%% of the channels and 46%% of the M-blocks per call, as one AdamW step at the peak "
                              "lr (0.01) does to the default run's trained costs (16%% and 48%%)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     if args.tiny:
@@ -72,17 +71,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len} tokens")
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
 
-    def model_step() -> None:
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-
-    t_model = timed(model_step, args.repeats)
-    model.zero_grad(set_to_none=True)
-
     init_scale = 0.05  # conf/perm/learned.yaml
     learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups, init_scale=init_scale)
     learned.attach()  # freezes the model
+    params = list(model.parameters())
+
+    def model_step() -> None:
+        """An ordinary training step: masks off, every weight requiring grad."""
+        with learned.dense():
+            for param in params:
+                param.requires_grad_(True)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            for param in params:
+                param.requires_grad_(False)
+                param.grad = None
     warm = args.warm_iters or None
     spec = get_spec(model)
     linears = [(g.name, n) for g in spec.groups(model) for n in g.linears]
@@ -121,10 +124,26 @@ def main() -> None:
         weights = [model.get_submodule(name).weight for _, name in linears]
         torch.autograd.backward(weights, [upstream[name] for _, name in linears])
 
+    def frozen_step() -> None:
+        learned.zero_grad(set_to_none=True)
+        learned.refresh(tau=args.tau, hard=True, n_iters=args.sinkhorn_iters, warm_iters=warm)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+
     refresh_only()
     scipy_blocks = _count_scipy_blocks(learned, args.tau)
-    t_refresh = timed(refresh_only, args.repeats, training_step_of_the_costs)
-    t_machinery = timed(machinery, args.repeats, training_step_of_the_costs)
+    names = ["model", "refresh", "machinery", "learning step"]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        measured = {
+            "model": timed(model_step),
+            "refresh": timed(refresh_only, training_step_of_the_costs),
+            "machinery": timed(machinery, training_step_of_the_costs),
+            "learning step": timed(frozen_step, training_step_of_the_costs),
+        }
+        if round_:
+            for name in names:
+                times[name].append(measured[name])
     moved_channels, moved_blocks, total_channels = 0, 0, 0
     before, after = changes[-1], learned.current_permutations()
     for name, perm in after.items():
@@ -133,13 +152,6 @@ def main() -> None:
         moved_blocks += int(diff.reshape(-1, 4).any(-1).sum())
         total_channels += perm.numel()
 
-    def frozen_step() -> None:
-        learned.zero_grad(set_to_none=True)
-        learned.refresh(tau=args.tau, hard=True, n_iters=args.sinkhorn_iters, warm_iters=warm)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-
-    t_learn_step = timed(frozen_step, args.repeats, training_step_of_the_costs)
     learned.detach_model()
     n_groups = len(learned.group_names)
     sizes = sorted({(c.groups, c.group_size) for c in (learned.costs[cost_key(g)] for g in learned.group_names)})
@@ -149,15 +161,18 @@ def main() -> None:
           f"per timed call a step of {args.step} x spread changed {moved_channels / total_channels:.1%} of the channels "
           f"and {moved_blocks / (total_channels // 4):.1%} of the M-blocks; "
           f"Hungarian blocks solved by scipy: {scipy_blocks[0]} of {scipy_blocks[1]}")
+    print(f"medians of {args.rounds} interleaved rounds; the ratio's range over the rounds in brackets")
     print(f"{'':<58}{'seconds':>10}{'/ model step':>15}")
-    rows = [
-        ("model forward+backward (weights require grad)", t_model),
-        ("machinery: Sinkhorn+Hungarian+masks (forward only)", t_refresh),
-        ("machinery: all of it, forward+backward to the costs", t_machinery),
-        ("one permutation-learning step (machinery + frozen model)", t_learn_step),
-    ]
-    for name, t in rows:
-        print(f"{name:<58}{t:>10.3f}{t / t_model:>14.1%}")
+    labels = {
+        "model": "model forward+backward (weights require grad)",
+        "refresh": "machinery: Sinkhorn+Hungarian+masks (forward only)",
+        "machinery": "machinery: all of it, forward+backward to the costs",
+        "learning step": "one permutation-learning step (machinery + frozen model)",
+    }
+    for name in names:
+        ratios = [t / m for t, m in zip(times[name], times["model"], strict=True)]
+        print(f"{labels[name]:<58}{statistics.median(times[name]):>10.3f}{statistics.median(ratios):>14.1%}"
+              + (f"  [{min(ratios):.1%} .. {max(ratios):.1%}]" if name != "model" else ""))
 
 
 def _count_scipy_blocks(learned: LearnedPermutations, tau: float) -> tuple[int, int]:
