@@ -18,12 +18,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from permsparse.models.binding import get_spec
+from permsparse.sparsity.calibration import block_hidden_state
 
 __all__ = ["PermutationModule", "CausalLMModule", "ImageClassifierModule"]
-
-
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class PermutationModule(pl.LightningModule):
@@ -54,7 +51,7 @@ class PermutationModule(pl.LightningModule):
 
     def _capture_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._captured is not None:
-            self._captured.append(_first(output))
+            self._captured.append(block_hidden_state(output))
 
     def forward_with_blocks(self, batch: Any) -> tuple[Any, list[Tensor]]:
         """Run the task forward and return its output and every block's output."""

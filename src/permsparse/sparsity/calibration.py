@@ -27,6 +27,7 @@ __all__ = [
     "merge_stats_dicts",
     "all_reduce_stats",
     "move_stats",
+    "block_hidden_state",
 ]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -213,13 +214,15 @@ def _sanitize_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _hidden(output: Any) -> Tensor:
+def block_hidden_state(output: Any) -> Tensor:
+    """The hidden state a transformer block returns: the tensor itself, or the first element of a tuple
+    (Hugging Face decoder layers). Used by calibration and by the distillation capture of the Lightning modules."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(
-        f"calibration: a block returned {type(output).__name__}; expected a tensor or a tuple whose first "
+        f"a block returned {type(output).__name__}; expected a tensor or a tuple whose first "
         "element is the hidden state"
     )
 
@@ -292,7 +295,7 @@ def collect_stats_sequential(
             all_stats.update(move_stats(stats_i, store_device))
             if i + 1 < len(blocks):
                 for k, (args, kwargs) in enumerate(captured):
-                    captured[k] = _replace_hidden(args, kwargs, _hidden(block(*args, **kwargs)))
+                    captured[k] = _replace_hidden(args, kwargs, block_hidden_state(block(*args, **kwargs)))
     return all_stats
 
 
