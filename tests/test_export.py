@@ -236,16 +236,17 @@ def test_export_raises_when_the_fold_is_tampered_with(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_verification_tolerance_is_absolute_for_small_outputs_and_relative_for_large():
+def test_verification_tolerance_is_absolute_for_small_outputs_and_relative_to_the_largest_above():
     from permsparse.export.export import verify_outputs
 
-    large = torch.full((2, 3), 30.0, dtype=torch.float64)
-    assert verify_outputs(large, large + 2e-5, tol=1e-5) == pytest.approx(2e-5)  # float32 rounding of a logit of 30
+    logits = torch.tensor([[30.0, 0.1, -2.0]], dtype=torch.float64)
+    shifted = logits + torch.tensor([[0.0, 2e-5, -2e-5]], dtype=torch.float64)  # float32 rounding, on small logits too
+    assert verify_outputs(logits, shifted, tol=1e-5) == pytest.approx(2e-5)
     small = torch.full((2, 3), 0.1, dtype=torch.float64)
     with pytest.raises(ExportVerificationError, match="tol 1.0e-05"):
         verify_outputs(small, small + 2e-5, tol=1e-5)
     with pytest.raises(ExportVerificationError):  # a real fold error is far above either
-        verify_outputs(large, large * 1.01, tol=1e-5)
+        verify_outputs(logits, logits * 1.01, tol=1e-5)
 
 
 def test_reload_raises_when_the_saved_weights_are_tampered_with(tmp_path):
