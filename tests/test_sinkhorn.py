@@ -259,10 +259,15 @@ def test_block_standardisation_matches_the_composite_in_value_and_gradient():
     assert torch.isfinite(flat.grad).all()
 
 
+@pytest.mark.parametrize("stack_limit", [None, 300])  # 300 entries: the 16-channel costs split into two stacks
 @pytest.mark.parametrize("warm_iters", [None, 3])
-def test_stacked_solve_equals_one_call_per_cost(warm_iters):
+def test_stacked_solve_equals_one_call_per_cost(warm_iters, stack_limit, monkeypatch):
     """``solve_costs`` stacks costs of equal block size; values, potentials and gradients match separate calls."""
+    import permsparse.permutation.cost as cost_module
     from permsparse.permutation.cost import solve_costs
+
+    if stack_limit:
+        monkeypatch.setattr(cost_module, "_CPU_STACK_ELEMENTS", stack_limit)
 
     def make():
         return [LearnableCost(16, groups=4, seed=0, init_scale=0.05), LearnableCost(32, groups=4, seed=1),

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from permsparse.permutation.base import block_to_global, global_to_block
 from permsparse.permutation.hungarian import hungarian, hungarian_many, perm_to_matrix, straight_through
-from permsparse.permutation.sinkhorn import log_sinkhorn, log_sinkhorn_warm
+from permsparse.permutation.sinkhorn import doubly_stochastic_residual, log_sinkhorn, log_sinkhorn_warm
 
 __all__ = ["LearnableCost", "solve_costs", "standardize_blocks"]
 
@@ -226,7 +226,7 @@ def _sinkhorn_stack(costs: list[LearnableCost], tau: float, n_iters: int, gumbel
             c.warm.fill_(True)
     soft = log_p.exp()
     with torch.no_grad():
-        residuals = torch.maximum((soft.sum(-1) - 1).abs().amax(-1), (soft.sum(-2) - 1).abs().amax(-1)).tolist()
+        residuals = doubly_stochastic_residual(soft, per_matrix=True).tolist()
     offset = 0
     for c, size in zip(costs, sizes, strict=True):
         c.last_residual = max(residuals[offset:offset + size])

@@ -100,8 +100,10 @@ def sinkhorn(cost: Tensor, tau: float = 1.0, n_iters: int = 20, gumbel_scale: fl
     return log_sinkhorn(cost, tau, n_iters, gumbel_scale, generator).exp()
 
 
-def doubly_stochastic_residual(p: Tensor) -> Tensor:
-    """Largest deviation of any row or column sum from 1 (per batch element reduced to one scalar)."""
-    rows = (p.sum(-1) - 1).abs().amax()
-    cols = (p.sum(-2) - 1).abs().amax()
-    return torch.maximum(rows, cols)
+def doubly_stochastic_residual(p: Tensor, per_matrix: bool = False) -> Tensor:
+    """Largest deviation of any row or column sum from 1: one scalar, or one per ``(g, g)`` matrix of
+    ``p`` (shape ``p.shape[:-2]``) with ``per_matrix``."""
+    rows = (p.sum(-1) - 1).abs().amax(-1)
+    cols = (p.sum(-2) - 1).abs().amax(-1)
+    worst = torch.maximum(rows, cols)
+    return worst if per_matrix else worst.amax()
