@@ -259,7 +259,7 @@ def test_block_standardisation_matches_the_composite_in_value_and_gradient():
     assert torch.isfinite(flat.grad).all()
 
 
-@pytest.mark.parametrize("stack_limit", [None, 300])  # 300 entries: the 16-channel costs split into two stacks
+@pytest.mark.parametrize("stack_limit", [None, 300])  # 300 entries: the two costs of 8 x 8 blocks get a stack each
 @pytest.mark.parametrize("warm_iters", [None, 3])
 def test_stacked_solve_equals_one_call_per_cost(warm_iters, stack_limit, monkeypatch):
     """``solve_costs`` stacks costs of equal block size; values, potentials and gradients match separate calls."""
