@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fold-residual", dest="fold_residual", action="store_false",
                         help="gather the residual-reading groups even when they share one permutation "
                              "(perm.residual=shared runs fold it into the residual stream by default)")
-    parser.add_argument("--tol", type=float, default=1e-5, help="allowed max abs output difference, times max(1, largest |output|) (default 1e-5)")
+    parser.add_argument("--tol", type=float, default=1e-5,
+                        help="allowed max abs output difference, times max(1, largest |output|) (default 1e-5)")
     parser.add_argument("--verify-dtype", default="float64",
                         help="dtype of the verification forward passes (float64, or 'model' for the model's own)")
     args = parser.parse_args(argv)

@@ -362,8 +362,9 @@ def export_model(
             (``perm.residual=shared``), fold it into the residual stream (embeddings, norms, writers, head) instead
             of gathering; the saved weights then hold the permuted stream and load into the stock class.
         tol / verify_dtype: outputs of the folded model (and of the reloaded one) must match the masked
-            model's within ``tol * max(1, max |output|)`` (:func:`verify_outputs`), computed in ``verify_dtype`` (default float64; ``None`` uses the
-            model's dtype -- loosen ``tol`` then). Raises :class:`ExportVerificationError` otherwise.
+            model's within ``tol * max(1, max |output|)`` (:func:`verify_outputs`), computed in
+            ``verify_dtype`` (default float64; ``None`` uses the model's dtype -- loosen ``tol`` then).
+            Raises :class:`ExportVerificationError` otherwise.
     """
     pattern = NMPattern.parse(pattern)
     spec = spec or get_spec(model)
