@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from permsparse.sparsity.nm import NMPattern, check_nm_shape
+from permsparse.sparsity.nm import NMPattern, check_nm_scores
 
 if TYPE_CHECKING:
     from permsparse.models.binding import BindingGroup
@@ -52,9 +52,7 @@ class PermutationMethod(ABC):
     def check_scores(scores: Tensor, pattern: NMPattern | str, name: str = "group") -> NMPattern:
         """Validate ``scores`` for a search under ``pattern`` (shape, finiteness); return the parsed pattern."""
         pattern = NMPattern.parse(pattern)
-        check_nm_shape(scores.shape, pattern, name)
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"{name}: scores contain NaN or Inf; cannot search a permutation")
+        check_nm_scores(scores, pattern, name, purpose="search a permutation")
         return pattern
 
 

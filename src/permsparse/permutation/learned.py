@@ -28,7 +28,7 @@ from permsparse.permutation.cost import LearnableCost, solve_costs
 from permsparse.permutation.foldable import check_foldable, head_layout, is_head_restricted
 from permsparse.permutation.hungarian import perm_to_matrix
 from permsparse.sparsity.base import LayerStats, Pruner
-from permsparse.sparsity.nm import NMPattern, check_nm_shape, keep_top_n_planes, nm_mask
+from permsparse.sparsity.nm import NMPattern, check_nm_scores, keep_top_n_planes, nm_mask
 
 __all__ = ["LearnedPermutations", "cost_key"]
 
@@ -135,9 +135,7 @@ class LearnedPermutations(nn.Module):
             for name in group.linears:
                 weight = model.get_submodule(name).weight.detach()
                 scores[name] = pruner.score(weight.float(), None if stats is None else stats.get(name)).float()
-                check_nm_shape(scores[name].shape, self.pattern, name)
-                if not torch.isfinite(scores[name]).all():
-                    raise ValueError(f"{name}: scores contain NaN or Inf; cannot choose an N:M mask")
+                check_nm_scores(scores[name], self.pattern, name)  # once: the mask updates skip nm_mask's check
                 dtypes[name] = weight.dtype
             d_in = next(iter(scores.values())).shape[1]
             group_init = init if isinstance(init, str) else init[group.name]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NMPattern", "nm_mask", "keep_top_n_planes", "check_nm_shape", "check_nm", "is_nm", "nm_kept_score"]
+__all__ = ["NMPattern", "nm_mask", "keep_top_n_planes", "check_nm_shape", "check_nm_scores", "check_nm", "is_nm",
+           "nm_kept_score"]
 
 _PATTERN_RE = re.compile(r"^\s*(-?\d+)\s*[:/]\s*(-?\d+)\s*$")
 
@@ -71,6 +72,15 @@ def check_nm_shape(shape: tuple[int, ...] | torch.Size, pattern: NMPattern, name
         )
 
 
+def check_nm_scores(scores: Tensor, pattern: NMPattern, name: str = "tensor",
+                    purpose: str = "choose an N:M mask") -> None:
+    """Validator for scores an N:M choice is made on: a 2-D shape that carries ``pattern`` and no NaN or Inf
+    (the error names the layer and what could not be done: ``purpose``)."""
+    check_nm_shape(scores.shape, pattern, name)
+    if scores.is_floating_point() and not torch.isfinite(scores).all():
+        raise ValueError(f"{name}: scores contain NaN or Inf; cannot {purpose}")
+
+
 def _group_ranks(scores: Tensor, m: int) -> Tensor:
     """Rank (0 = largest) of every entry inside its group of ``m`` consecutive columns, lower index first on ties."""
     d_out, d_in = scores.shape
@@ -116,9 +126,7 @@ def nm_mask(scores: Tensor, pattern: NMPattern | str, name: str = "tensor") -> T
     ``scores`` is ``(d_out, d_in)``; the result has the same shape and exactly ``n`` True per group.
     """
     pattern = NMPattern.parse(pattern)
-    check_nm_shape(scores.shape, pattern, name)
-    if scores.is_floating_point() and not torch.isfinite(scores).all():
-        raise ValueError(f"{name}: scores contain NaN or Inf; cannot choose an N:M mask")
+    check_nm_scores(scores, pattern, name)
     d_out, d_in = scores.shape
     if pattern.m > _PAIRWISE_MAX_M:
         return _group_ranks(scores.detach(), pattern.m) < pattern.n
