@@ -62,11 +62,11 @@ def main() -> None:
     if args.tiny:
         from permsparse.models.tiny import tiny_llama
 
-        model, vocab = tiny_llama(seed=0), 128
+        model, reference, vocab = tiny_llama(seed=0), tiny_llama(seed=0), 128
     else:
         from permsparse.models.loaders import load_smollm2
 
-        model, tok = load_smollm2()
+        (model, _), (reference, _) = load_smollm2(), load_smollm2()
         vocab = model.config.vocab_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len} tokens")
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -74,23 +74,19 @@ def main() -> None:
     init_scale = 0.05  # conf/perm/learned.yaml
     learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups, init_scale=init_scale)
     learned.attach()  # freezes the model
-    params = list(model.parameters())
 
     def model_step() -> None:
-        """An ordinary training step: masks off, every weight requiring grad."""
-        with learned.dense():
-            for param in params:
-                param.requires_grad_(True)
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-            for param in params:
-                param.requires_grad_(False)
-                param.grad = None
+        """An ordinary training step of an untouched copy of the model: every weight requiring grad, the
+        weights in their own layout (``attach`` lays the bound ones out transposed)."""
+        reference.zero_grad(set_to_none=True)
+        reference(input_ids=ids, labels=ids).loss.backward()
     warm = args.warm_iters or None
     spec = get_spec(model)
     linears = [(g.name, n) for g in spec.groups(model) for n in g.linears]
     gen = torch.Generator().manual_seed(1)
-    upstream = {n: torch.randn(model.get_submodule(n).parametrizations.weight.original.shape, generator=gen)
+    # laid out like the weight, as a linear layer's backward hands it over (LearnedPermutations stores the bound
+    # weights transposed, and their gradients arrive transposed too)
+    upstream = {n: torch.empty_like(model.get_submodule(n).parametrizations.weight.original).normal_(generator=gen)
                 for _, n in linears}
 
     costs = {name: learned.costs[cost_key(name)] for name in learned.group_names}

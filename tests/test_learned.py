@@ -28,7 +28,10 @@ def test_only_the_costs_receive_gradients_and_dense_mode_is_the_teacher():
     assert all(c.raw.grad is not None and c.raw.grad.abs().sum() > 0 for c in learned.costs.values())
     with torch.no_grad(), learned.dense():
         assert torch.allclose(model(input_ids=ids).logits, dense, atol=1e-6)
+    bound = [model.get_submodule(name) for group in learned.binding for name in group.linears]
+    assert all(m.parametrizations.weight.original.T.is_contiguous() for m in bound)  # attach's transposed storage
     learned.detach_model()
+    assert all(m.weight.is_contiguous() for m in bound)  # the ordinary layout is back
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, dense, atol=1e-6)
 

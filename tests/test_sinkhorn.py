@@ -184,15 +184,16 @@ def test_incremental_mask_update_equals_full_recompute():
                 score = score_t.T
                 expected = nm_mask(score[:, perms[name]], "2:4")[:, torch.argsort(perms[name])].float()
                 # the original-order mask the forward pass multiplies by, and the masked weight it gives
-                assert torch.equal(state.masks_original[linear], expected)
+                assert torch.equal(state.masks_t[linear].T, expected)
                 weight = model.get_submodule(linear).weight.detach()
                 original = model.get_submodule(linear).parametrizations.weight.original
                 assert torch.equal(weight, original * expected)
     learned.detach_model()
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed-storage"])
 @pytest.mark.parametrize("shape,groups", [((12, 16), 4), ((40, 48), 2)])
-def test_hard_masked_weight_matches_the_dense_block_products_in_value_and_gradient(shape, groups):
+def test_hard_masked_weight_matches_the_dense_block_products_in_value_and_gradient(shape, groups, transposed):
     from permsparse.permutation.apply import hard_permuted_masked_weight
 
     gen = torch.Generator().manual_seed(0)
@@ -203,6 +204,8 @@ def test_hard_masked_weight_matches_the_dense_block_products_in_value_and_gradie
     local = hungarian(sinkhorn(cost.detach(), 0.5, 10))
     perm = block_to_global(local)
     mask = nm_mask(w.abs()[:, perm], "2:4")
+    if transposed:  # the layout LearnedPermutations gives bound weights, and the gradient a linear hands back
+        w, upstream = w.T.contiguous().T, upstream.T.contiguous().T
     grads, values = [], []
     for fn in (lambda p: permuted_masked_weight(w, p, mask), lambda p: hard_permuted_masked_weight(w, p, perm, mask)):
         p = straight_through(perm_to_matrix(local), sinkhorn(cost, 0.5, 10))

@@ -58,8 +58,9 @@ class _GroupState:
         # gradient (the Sinkhorn matrix while learning, the permutation matrix after ``set_permutations``)
         self.p: Tensor | None = None
         self.masks: dict[str, Tensor] = {}  # linear name -> N:M mask in permuted order (soft mode)
-        # hard mode: the mask in original channel order, as 0/1 in the weight's dtype (what the forward multiplies)
-        self.masks_original: dict[str, Tensor] = {}
+        # hard mode: the mask in original channel order, as 0/1 in the weight's dtype (what the forward multiplies),
+        # transposed to (d_in, d_out) like the scores and the weights (see ``LearnedPermutations.attach``)
+        self.masks_t: dict[str, Tensor] = {}
         self.dtypes = dtypes  # linear name -> weight dtype
         self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
         self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
@@ -82,7 +83,7 @@ class _MaskedWeight(nn.Module):
         p = state.p.to(weight.dtype)
         if state.soft:
             return permuted_masked_weight(weight, p, state.masks[self.linear_name])
-        return hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_original[self.linear_name])
+        return hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_t[self.linear_name].T)
 
 
 class LearnedPermutations(nn.Module):
@@ -158,15 +159,22 @@ class LearnedPermutations(nn.Module):
 
     # -- wiring ---------------------------------------------------------------------------------
     def attach(self) -> LearnedPermutations:
-        """Freeze the model and parametrize every bound linear's weight with its group's mask."""
+        """Freeze the model and parametrize every bound linear's weight with its group's mask.
+
+        The bound weights are re-laid out in place as transposed storage (same shape and values, ``W.T``
+        contiguous; the copy is made one layer at a time), so that a group's input channels are contiguous rows
+        for the masked product and its gradient (:func:`hard_permuted_masked_weight`). :meth:`detach_model`
+        restores the ordinary layout.
+        """
         model = self._model
         for param in model.parameters():
             param.requires_grad_(False)
         for state in self._states.values():
             for name in state.group.linears:
-                parametrize.register_parametrization(
-                    model.get_submodule(name), "weight", _MaskedWeight(self, state, name), unsafe=True
-                )
+                module = model.get_submodule(name)
+                parametrize.register_parametrization(module, "weight", _MaskedWeight(self, state, name), unsafe=True)
+                original = module.parametrizations.weight.original
+                original.data = original.data.T.contiguous().T
         self._attached = True
         self.refresh(tau=1.0, hard=True)
         return self
@@ -177,8 +185,9 @@ class LearnedPermutations(nn.Module):
             return
         for state in self._states.values():
             for name in state.group.linears:
-                parametrize.remove_parametrizations(self._model.get_submodule(name), "weight",
-                                                    leave_parametrized=False)
+                module = self._model.get_submodule(name)
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                module.weight.data = module.weight.data.contiguous()  # undo attach's transposed layout
         self._attached = False
 
     @contextlib.contextmanager
@@ -217,13 +226,13 @@ class LearnedPermutations(nn.Module):
         # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
         if soft:
-            state.masks_original.clear()
+            state.masks_t.clear()
             for name, score_t in state.scores_t.items():
                 state.masks[name] = nm_mask(block_permute_scores(score_t.T, p.to(score_t.device)), self.pattern, name)
-        elif state.soft or state.perm is None or not state.masks_original:
+        elif state.soft or state.perm is None or not state.masks_t:
             state.masks.clear()
-            state.masks_original = {name: torch.empty(score_t.T.shape, dtype=state.dtypes[name], device=score_t.device)
-                                    for name, score_t in state.scores_t.items()}
+            state.masks_t = {name: torch.empty(score_t.shape, dtype=state.dtypes[name], device=score_t.device)
+                             for name, score_t in state.scores_t.items()}
             self._write_masks(state, perm, torch.arange(perm.numel()))
         elif not torch.equal(state.perm, perm):
             # Only the M-column blocks whose channels changed get a new mask (masks are per block).
@@ -236,15 +245,16 @@ class LearnedPermutations(nn.Module):
 
     def _write_masks(self, state: _GroupState, perm: Tensor, cols: Tensor) -> None:
         """N:M masks of the permuted positions ``cols`` (whole M-blocks), written in original order: the
-        channels now at those positions, ``perm[cols]``, are exactly the ones whose original-order mask changes."""
+        channels now at those positions, ``perm[cols]``, are exactly the ones whose original-order mask changes: whole
+        rows of the transposed masks."""
         m, n = self.pattern.m, self.pattern.n
         # plane j holds the channels at offset j of every changed block: rows of the transposed scores
         order = perm[cols.to(perm.device)].reshape(-1, m).T.reshape(-1)
         for name, score_t in state.scores_t.items():
             rows = order.to(score_t.device)
             keep = keep_top_n_planes(score_t.index_select(0, rows).view(m, -1, score_t.shape[1]), n)
-            original = state.masks_original[name]
-            original[:, rows] = keep.view(-1, score_t.shape[1]).T.to(original.dtype)
+            mask_t = state.masks_t[name]
+            mask_t.index_copy_(0, rows, keep.view(-1, score_t.shape[1]).to(mask_t.dtype))
 
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
