@@ -57,6 +57,8 @@ def main() -> None:
                              "15%% of the channels and 46%% of the M-blocks per call, as one AdamW step at the peak "
                              "lr (0.01) does to the default run's trained costs (16%% and 48%%)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--grad-precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="matmuls of the permutation gradient (conf/perm/learned.yaml: auto)")
     args = parser.parse_args()
 
     if args.tiny:
@@ -72,7 +74,8 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
 
     init_scale = 0.05  # conf/perm/learned.yaml
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups, init_scale=init_scale)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups, init_scale=init_scale,
+                                  grad_precision=args.grad_precision)
     learned.attach()  # freezes the model
 
     def model_step() -> None:
@@ -152,7 +155,9 @@ def main() -> None:
     n_groups = len(learned.group_names)
     sizes = sorted({(c.groups, c.group_size) for c in (learned.costs[cost_key(g)] for g in learned.group_names)})
     print(f"{n_groups} binding groups, cost blocks (G, g): {sizes}; tau {args.tau}; Sinkhorn "
-          + (f"warm-started with {warm} iterations" if warm else f"{args.sinkhorn_iters} iterations from scratch every step"))
+          + (f"warm-started with {warm} iterations" if warm else f"{args.sinkhorn_iters} iterations from scratch every step")
+          + f"; permutation-gradient matmuls in {str(learned.grad_dtype).removeprefix('torch.')} "
+          + f"(--grad-precision {args.grad_precision})")
     print(f"costs: {'from ' + args.costs if args.costs else f'identity + noise (spread {args.spread})'}; "
           f"per timed call a step of {args.step} x spread changed {moved_channels / total_channels:.1%} of the channels "
           f"and {moved_blocks / (total_channels // 4):.1%} of the M-blocks; "

@@ -53,6 +53,7 @@ def test_every_model_matches_a_dataset_of_its_task():
         (["perm.groups=-1"], "perm.groups=-1 is invalid"),
         (["learning.max_steps=0"], "trains nothing"),
         (["perm.mode=medium"], "perm.mode='medium' is invalid; choose hard or soft"),
+        (["perm.grad_precision=fp8"], "perm.grad_precision='fp8' is invalid; choose auto, float32 or bfloat16"),
         (["perm.tau_end=0"], "temperatures must be > 0"),
         (["calibration.sequential=true"], "not supported with perm=learned"),
         (["resume=/nonexistent/run"], "resume=/nonexistent/run is not a folder"),

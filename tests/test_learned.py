@@ -2,6 +2,7 @@
 
 import functools
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -57,7 +58,6 @@ def test_learning_lowers_the_loss_on_a_tiny_model():
 
 
 def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
-    import pytest
 
     model = tiny_llama(seed=0)
     module = CausalLMModule(model, alpha=0.0, max_nonfinite=3)
@@ -73,7 +73,8 @@ def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
         module.training_step(batch, 2)
 
 
-def test_cost_gradients_equal_the_plain_straight_through_formula():
+@pytest.mark.parametrize("grad_precision", ["float32", "bfloat16"])
+def test_cost_gradients_equal_the_plain_straight_through_formula(grad_precision):
     """The fast path (stacked Sinkhorn, original-order masks, the Sinkhorn matrix carrying the straight-through
     gradient) gives the costs the gradient of METHOD.md 4.4 written out plainly:
     ``W_eff = ((W P) * M(P)) P^T`` with ``P = P_hard + P_soft - P_soft.detach()``, by dense block products."""
@@ -94,7 +95,8 @@ def test_cost_gradients_equal_the_plain_straight_through_formula():
     def loss_of(logits):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
 
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4, grad_precision=grad_precision).attach()
+    assert learned.grad_dtype == getattr(torch, grad_precision)
     with torch.no_grad():  # away from the identity, so permutations and masks are not trivial
         for index, cost in enumerate(learned.costs.values()):
             cost.raw.add_(0.7 * torch.randn(cost.raw.shape, generator=torch.Generator().manual_seed(index)))
@@ -119,4 +121,8 @@ def test_cost_gradients_equal_the_plain_straight_through_formula():
     for group in learned.binding:
         fast = learned.costs[group.name.replace(".", "__")].raw.grad
         assert fast.abs().sum() > 0
-        assert torch.allclose(fast, raws[group.name].grad, rtol=1e-4, atol=1e-6), group.name
+        if grad_precision == "float32":
+            assert torch.allclose(fast, raws[group.name].grad, rtol=1e-4, atol=1e-6), group.name
+        else:  # one bf16 rounding of the P-gradient (~0.4 % per entry); dropping either product errs by O(1)
+            error = (fast - raws[group.name].grad).norm() / raws[group.name].grad.norm()
+            assert error < 2e-2, (group.name, float(error))

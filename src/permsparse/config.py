@@ -80,6 +80,9 @@ def validate_config(cfg: DictConfig) -> None:
             )
         if cfg.perm.mode not in {"hard", "soft"}:
             raise ConfigError(f"perm.mode={cfg.perm.mode!r} is invalid; choose hard or soft")
+        grad_precision = cfg.perm.get("grad_precision", "auto")
+        if grad_precision not in {"auto", "float32", "bfloat16"}:
+            raise ConfigError(f"perm.grad_precision={grad_precision!r} is invalid; choose auto, float32 or bfloat16")
         if cfg.perm.init not in {"identity", "ria"}:
             raise ConfigError(f"perm.init={cfg.perm.init!r} is invalid; choose identity or ria")
         for key in ("tau_start", "tau_end"):

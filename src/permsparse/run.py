@@ -142,7 +142,7 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
         normalize=perm_cfg.normalize, seed=cfg.seed, foldable=bool(perm_cfg.get("foldable", False)),
-        calibrate=calibrate, checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
+        grad_precision=perm_cfg.get("grad_precision", "auto"), calibrate=calibrate, checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
     )
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
@@ -171,7 +171,8 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     perms = callback.final_perms
     module.permutations.detach_model()  # dense weights back in place; masks are applied by prune_model
     summary = {"best_val_loss": callback.best_loss, "history": callback.history,
-               "steps": trainer.global_step, "changed_channels": callback._changed_channels(perms)}
+               "steps": trainer.global_step, "changed_channels": callback._changed_channels(perms),
+               "grad_dtype": str(module.permutations.grad_dtype).removeprefix("torch.")}
     return perms, summary, callback.stats
 
 

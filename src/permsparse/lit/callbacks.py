@@ -79,6 +79,8 @@ class PermutationLearning(pl.Callback):
         foldable: restrict the attention-output groups (o_proj / attn.proj) to within-head permutations tied
             across the query heads of each kv head, so that export always folds them (``perm.foldable``; see
             :class:`~permsparse.permutation.learned.LearnedPermutations`).
+        grad_precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: precision of the matmuls of the hard mode's
+            permutation gradient (see :class:`~permsparse.permutation.learned.LearnedPermutations`).
         calibrate: if ``stats`` is ``None``, a function ``(rank, world_size) -> stats`` of this rank's share
             of the calibration data; it runs in :meth:`setup`, where the process group exists, and the
             shares are summed across ranks (``trainer=ddp``: each rank calibrates ``1/world_size`` of the data).
@@ -112,6 +114,7 @@ class PermutationLearning(pl.Callback):
         normalize: bool = True,
         seed: int = 0,
         foldable: bool = False,
+        grad_precision: str = "auto",
         calibrate: Callable[[int, int], Mapping[str, LayerStats]] | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every_n_steps: int | None = None,
@@ -123,7 +126,7 @@ class PermutationLearning(pl.Callback):
         self.groups, self.sinkhorn_iters, self.mode, self.gumbel_scale = groups, sinkhorn_iters, mode, gumbel_scale
         self.warm_iters = warm_iters
         self.init, self.init_scale, self.noise, self.normalize, self.seed = init, init_scale, noise, normalize, seed
-        self.foldable = foldable
+        self.foldable, self.grad_precision = foldable, grad_precision
         self.schedule = TemperatureSchedule(tau_start, tau_end, 1, tau_schedule)
         self.best_loss = math.inf
         self.best_perms: dict[str, Tensor] | None = None
@@ -148,7 +151,7 @@ class PermutationLearning(pl.Callback):
         learned = LearnedPermutations(
             pl_module.model, self.pruner, self.pattern, self.stats, self.groups, init=self.init,
             init_scale=self.init_scale, noise=self.noise, normalize=self.normalize, seed=self.seed,
-            foldable=self.foldable,
+            foldable=self.foldable, grad_precision=self.grad_precision,
         )
         pl_module.permutations = learned.to(pl_module.device)
         learned.attach()

@@ -20,7 +20,9 @@ from torch.nn.utils import parametrize
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.apply import (
     block_permute_scores,
+    gradient_workspace,
     hard_permuted_masked_weight,
+    native_bf16_matmul,
     permuted_masked_weight,
 )
 from permsparse.permutation.base import block_to_global, global_to_block
@@ -44,6 +46,9 @@ def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
 
     perm = torch.as_tensor(perm).long().cpu()
     return perm if is_foldable(group, perm)[0] else restrict_to_heads(perm, *head_layout(group))
+
+
+_GRAD_PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class _GroupState:
@@ -75,6 +80,7 @@ class _MaskedWeight(nn.Module):
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "_state", state)
         self.linear_name = name
+        self.workspace: Tensor | None = None  # low-precision P-gradient buffer (``grad_precision``); not state
 
     def forward(self, weight: Tensor) -> Tensor:
         state: _GroupState = self._state
@@ -83,7 +89,8 @@ class _MaskedWeight(nn.Module):
         p = state.p.to(weight.dtype)
         if state.soft:
             return permuted_masked_weight(weight, p, state.masks[self.linear_name])
-        return hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_t[self.linear_name].T)
+        return hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_t[self.linear_name].T,
+                                           workspace=self.workspace)
 
 
 class LearnedPermutations(nn.Module):
@@ -103,6 +110,12 @@ class LearnedPermutations(nn.Module):
             ``head_dim``, ignoring ``groups``) and the query heads sharing a kv head share one cost
             (:class:`LearnableCost` with ``tie``). An ``init`` permutation of such a group that is not foldable
             is replaced by :func:`~permsparse.export.fold.restrict_to_heads` of it. Other groups are unchanged.
+        grad_precision: precision of the two matmuls of the hard mode's ``P``-gradient: ``"float32"``, ``"bfloat16"``
+            (one bf16 matmul with fp32 accumulation, result rounded to bf16, via a
+            :func:`~permsparse.permutation.apply.gradient_workspace` per linear: 4 bytes per weight of memory) or
+            ``"auto"``: bfloat16 where it runs natively (:func:`~permsparse.permutation.apply.native_bf16_matmul`,
+            CPUs with AVX512-BF16 or AMX), float32 elsewhere. Resolved at :meth:`attach`, on the model's device;
+            :attr:`grad_dtype` tells which. The forward pass, Sinkhorn and Hungarian are unaffected.
     """
 
     def __init__(
@@ -119,8 +132,13 @@ class LearnedPermutations(nn.Module):
         normalize: bool = True,
         seed: int = 0,
         foldable: bool = False,
+        grad_precision: str = "auto",
     ) -> None:
         super().__init__()
+        if grad_precision not in _GRAD_PRECISIONS:
+            raise ValueError(f"grad_precision={grad_precision!r} is invalid; choose one of {sorted(_GRAD_PRECISIONS)}")
+        self.grad_precision = grad_precision
+        self.grad_dtype: torch.dtype | None = None  # resolved by attach
         self.pattern = NMPattern.parse(pattern)
         self.spec = spec or get_spec(model)
         self.binding = self.spec.groups(model)
@@ -169,15 +187,26 @@ class LearnedPermutations(nn.Module):
         model = self._model
         for param in model.parameters():
             param.requires_grad_(False)
-        for state in self._states.values():
+        self.grad_dtype = self._resolve_grad_dtype()
+        for group_name, state in self._states.items():
             for name in state.group.linears:
                 module = model.get_submodule(name)
-                parametrize.register_parametrization(module, "weight", _MaskedWeight(self, state, name), unsafe=True)
+                masked = _MaskedWeight(self, state, name)
+                parametrize.register_parametrization(module, "weight", masked, unsafe=True)
                 original = module.parametrizations.weight.original
                 original.data = original.data.T.contiguous().T
+                if self.grad_dtype != torch.float32:
+                    masked.workspace = gradient_workspace(original, self.costs[cost_key(group_name)].groups,
+                                                          self.grad_dtype)
         self._attached = True
         self.refresh(tau=1.0, hard=True)
         return self
+
+    def _resolve_grad_dtype(self) -> torch.dtype:
+        if self.grad_precision == "auto":
+            device = next(iter(self.costs.values())).raw.device
+            return torch.bfloat16 if native_bf16_matmul(device) else torch.float32
+        return _GRAD_PRECISIONS[self.grad_precision]
 
     def detach_model(self) -> None:
         """Remove the parametrizations, leaving the original dense weights in place."""
