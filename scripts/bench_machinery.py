@@ -2,8 +2,10 @@
 
 Machinery = for every binding group: Sinkhorn (forward + backward), Hungarian hardening, N:M masks of
 the permuted scores, and the masked-weight products ``((W P) * M) P^T`` (forward + backward to ``P``).
-Model step = one forward + backward of the same model at the same batch (weights requiring grad, as
-in ordinary training). Default: SmolLM2-135M at batch 4 x 256 tokens, magnitude scores.
+Model step = one forward + backward of an untouched copy of the model at the same batch (weights requiring
+grad and in their own layout, as in ordinary training). Default: SmolLM2-135M at batch 4 x 256 tokens,
+magnitude scores, the permutation gradient's matmuls in the precision ``perm.grad_precision=auto`` picks
+(``--grad-precision``).
 
 The machinery is timed in a training-like state, not a frozen one: before every timed call the costs
 take one small random step (``--step``, relative to their spread), so permutations change and masks are
