@@ -126,3 +126,23 @@ def test_cost_gradients_equal_the_plain_straight_through_formula(grad_precision)
         else:  # one bf16 rounding of the P-gradient (~0.4 % per entry); dropping either product errs by O(1)
             error = (fast - raws[group.name].grad).norm() / raws[group.name].grad.norm()
             assert error < 2e-2, (group.name, float(error))
+
+
+def test_grad_precision_is_checked_and_auto_resolves_on_attach():
+    from permsparse.permutation.apply import (
+        gradient_workspace,
+        hard_permuted_masked_weight,
+        native_bf16_matmul,
+    )
+
+    with pytest.raises(ValueError, match="grad_precision='fp8' is invalid"):
+        LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", grad_precision="fp8")
+    learned = LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", groups=4)
+    assert learned.grad_dtype is None  # not resolved before attach
+    learned.attach()
+    assert learned.grad_dtype == (torch.bfloat16 if native_bf16_matmul("cpu") else torch.float32)
+    learned.detach_model()
+    weight = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        hard_permuted_masked_weight(weight, torch.eye(4).expand(4, 4, 4), torch.arange(16),
+                                    mask_original=torch.ones(8, 16), workspace=gradient_workspace(weight, 2))
