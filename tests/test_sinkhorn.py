@@ -306,3 +306,48 @@ def test_warm_started_sinkhorn_gradient_passes_gradcheck():
     potentials = (torch.randn(2, 5, dtype=torch.float64, generator=gen), torch.randn(2, 5, dtype=torch.float64, generator=gen))
     assert torch.autograd.gradcheck(lambda c: log_sinkhorn_warm(c, 0.7, 3, potentials)[0], (cost,))
     assert torch.autograd.gradcheck(lambda c: log_sinkhorn_warm(c, 0.7, 3, None)[0], (cost,))
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_scaling_domain_sinkhorn_equals_the_log_domain_in_value_potentials_and_gradient(warm):
+    from permsparse.permutation.sinkhorn import log_sinkhorn_warm, sinkhorn_warm
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 24, 24, generator=gen)
+    potentials = log_sinkhorn_warm(base, 0.3, 100)[1] if warm else None
+    cost = (base + 0.1 * torch.randn(6, 24, 24, generator=gen)).requires_grad_(True)
+    upstream = torch.randn(6, 24, 24, generator=gen)
+    results = []
+    for fn in (lambda c: (lambda r: (r[0].exp(), r[1]))(log_sinkhorn_warm(c, 0.3, 4, potentials)),
+               lambda c: sinkhorn_warm(c, 0.3, 4, potentials)):
+        p, (f, g) = fn(cost)
+        (p * upstream).sum().backward()
+        results.append((p.detach(), f, g, cost.grad.clone()))
+        cost.grad = None
+    (p_log, f_log, g_log, grad_log), (p_fast, f_fast, g_fast, grad_fast) = results
+    assert torch.allclose(p_fast, p_log, atol=1e-6)
+    assert torch.allclose(f_fast, f_log, atol=1e-5) and torch.allclose(g_fast, g_log, atol=1e-5)
+    assert torch.allclose(grad_fast, grad_log, rtol=1e-4, atol=1e-6)
+    assert grad_log.abs().sum() > 0
+
+
+def test_scaling_domain_sinkhorn_gradient_passes_gradcheck():
+    from permsparse.permutation.sinkhorn import sinkhorn_warm
+
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.randn(2, 5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    potentials = (torch.randn(2, 5, dtype=torch.float64, generator=gen), torch.randn(2, 5, dtype=torch.float64, generator=gen))
+    assert torch.autograd.gradcheck(lambda c: sinkhorn_warm(c, 0.7, 3, potentials)[0], (cost,))
+    assert torch.autograd.gradcheck(lambda c: sinkhorn_warm(c, 0.7, 3, None)[0], (cost,))
+
+
+def test_scaling_domain_sinkhorn_falls_back_to_the_log_domain_when_a_column_underflows():
+    from permsparse.permutation.sinkhorn import doubly_stochastic_residual, log_sinkhorn_warm, sinkhorn_warm
+
+    # column 0 is 200 cost units worse than every row's best entry: at tau 1 its exp underflows in float32
+    cost = torch.zeros(1, 4, 4)
+    cost[0, :, 0] = 200.0
+    p, _ = sinkhorn_warm(cost, 1.0, 50)
+    assert torch.isfinite(p).all()
+    assert torch.allclose(p, log_sinkhorn_warm(cost, 1.0, 50)[0].exp())
+    assert doubly_stochastic_residual(p) < 1e-3

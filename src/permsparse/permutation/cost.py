@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from permsparse.permutation.base import block_to_global, global_to_block
 from permsparse.permutation.hungarian import hungarian, hungarian_many, perm_to_matrix, straight_through
-from permsparse.permutation.sinkhorn import doubly_stochastic_residual, log_sinkhorn, log_sinkhorn_warm
+from permsparse.permutation.sinkhorn import doubly_stochastic_residual, log_sinkhorn, sinkhorn_warm
 
 __all__ = ["LearnableCost", "solve_costs", "standardize_blocks"]
 
@@ -213,18 +213,17 @@ def _sinkhorn_stack(costs: list[LearnableCost], tau: float, n_iters: int, gumbel
     cost = standardize_blocks(raw, first.eps) if first.normalize else raw
     sizes = [c.raw.shape[0] for c in costs]
     if warm_iters is None:
-        log_p = log_sinkhorn(cost, tau, n_iters, gumbel_scale, generator)
+        soft = log_sinkhorn(cost, tau, n_iters, gumbel_scale, generator).exp()
     else:
         start = None
         if bool(first.warm):
             start = (torch.cat([c.row_potential for c in costs]), torch.cat([c.col_potential for c in costs]))
-        log_p, (f, g) = log_sinkhorn_warm(cost, tau, warm_iters if start is not None else n_iters, start,
-                                          gumbel_scale, generator)
+        soft, (f, g) = sinkhorn_warm(cost, tau, warm_iters if start is not None else n_iters, start,
+                                     gumbel_scale, generator)
         for c, f_part, g_part in zip(costs, f.split(sizes), g.split(sizes), strict=True):
             c.row_potential.copy_(f_part)
             c.col_potential.copy_(g_part)
             c.warm.fill_(True)
-    soft = log_p.exp()
     with torch.no_grad():
         residuals = doubly_stochastic_residual(soft, per_matrix=True).tolist()
     offset = 0
