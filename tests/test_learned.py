@@ -146,3 +146,22 @@ def test_grad_precision_is_checked_and_auto_resolves_on_attach():
     with pytest.raises(ValueError, match="does not fit"):
         hard_permuted_masked_weight(weight, torch.eye(4).expand(4, 4, 4), torch.arange(16),
                                     mask_original=torch.ones(8, 16), workspace=gradient_workspace(weight, 2))
+
+
+def test_scores_masks_and_workspaces_follow_the_module_to_another_device(monkeypatch):
+    """Lightning builds the permutations on the CPU in the callback's setup and moves the LightningModule to the
+    accelerator afterwards: the per-group scores and masks (not buffers) and the gradient workspaces must follow.
+    The meta device stands in for an accelerator here."""
+    import permsparse.permutation.learned as learned_module
+
+    monkeypatch.setattr(learned_module, "native_bf16_matmul", lambda device: torch.device(device).type == "cpu")
+    learned = LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", groups=4).attach()
+    assert learned.grad_dtype == torch.bfloat16
+    assert all(masked.workspace is not None for masked, _, _ in learned._masked)
+    learned.to("meta")
+    for state in learned._states.values():
+        tensors = [*state.scores_t.values(), *state.masks_t.values(), state.perm]
+        assert all(t.device.type == "meta" for t in tensors)
+    # auto re-chooses for the new device: no native bf16 there, so float32 and no workspaces
+    assert learned.grad_dtype == torch.float32
+    assert all(masked.workspace is None for masked, _, _ in learned._masked)

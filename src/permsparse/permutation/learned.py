@@ -70,6 +70,14 @@ class _GroupState:
         self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
         self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
 
+    def to(self, device: torch.device) -> None:
+        """Move every tensor to ``device`` (dtypes unchanged)."""
+        for table in (self.scores_t, self.masks, self.masks_t):
+            for name, tensor in table.items():
+                table[name] = tensor.to(device)
+        self.p = None if self.p is None else self.p.to(device)
+        self.perm = None if self.perm is None else self.perm.to(device)
+
 
 class _MaskedWeight(nn.Module):
     """Weight parametrization: ``((W P) * M) P^T`` while masks are on, ``W`` otherwise."""
@@ -174,6 +182,21 @@ class LearnedPermutations(nn.Module):
             )
             self._states[group.name] = _GroupState(group, scores, dtypes)
         self._attached = False
+        self._masked: list[tuple[_MaskedWeight, nn.Module, int]] = []  # (parametrization, linear, groups)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.to(device)`` / ``.cuda()`` move the per-group scores and masks too (they are not buffers: the checkpoint
+        keeps only the costs), and the gradient workspaces follow, re-chosen for the new device under
+        ``grad_precision="auto"``. Lightning builds this module on the CPU in the callback's ``setup`` and moves
+        it with the LightningModule to the accelerator afterwards."""
+        super()._apply(fn, recurse)
+        if self.costs:
+            device = next(iter(self.costs.values())).raw.device
+            for state in self._states.values():
+                state.to(device)
+            if self._attached:
+                self._place_workspaces(device)
+        return self
 
     # -- wiring ---------------------------------------------------------------------------------
     def attach(self) -> LearnedPermutations:
@@ -187,7 +210,7 @@ class LearnedPermutations(nn.Module):
         model = self._model
         for param in model.parameters():
             param.requires_grad_(False)
-        self.grad_dtype = self._resolve_grad_dtype()
+        self._masked = []
         for group_name, state in self._states.items():
             for name in state.group.linears:
                 module = model.get_submodule(name)
@@ -195,18 +218,25 @@ class LearnedPermutations(nn.Module):
                 parametrize.register_parametrization(module, "weight", masked, unsafe=True)
                 original = module.parametrizations.weight.original
                 original.data = original.data.T.contiguous().T
-                if self.grad_dtype != torch.float32:
-                    masked.workspace = gradient_workspace(original, self.costs[cost_key(group_name)].groups,
-                                                          self.grad_dtype)
+                self._masked.append((masked, module, self.costs[cost_key(group_name)].groups))
+        self._place_workspaces(next(iter(self.costs.values())).raw.device)
         self._attached = True
         self.refresh(tau=1.0, hard=True)
         return self
 
-    def _resolve_grad_dtype(self) -> torch.dtype:
+    def _place_workspaces(self, device: torch.device) -> None:
+        """Resolve ``grad_precision`` for ``device`` and give every bound linear a workspace there (or none)."""
         if self.grad_precision == "auto":
-            device = next(iter(self.costs.values())).raw.device
-            return torch.bfloat16 if native_bf16_matmul(device) else torch.float32
-        return _GRAD_PRECISIONS[self.grad_precision]
+            self.grad_dtype = torch.bfloat16 if native_bf16_matmul(device) else torch.float32
+        else:
+            self.grad_dtype = _GRAD_PRECISIONS[self.grad_precision]
+        for masked, module, groups in self._masked:
+            workspace = masked.workspace
+            if self.grad_dtype == torch.float32:
+                masked.workspace = None
+            elif workspace is None or workspace.device != device or workspace.dtype != self.grad_dtype:
+                original = module.parametrizations.weight.original
+                masked.workspace = gradient_workspace(original.to(device), groups, self.grad_dtype)
 
     def detach_model(self) -> None:
         """Remove the parametrizations, leaving the original dense weights in place."""
@@ -217,6 +247,7 @@ class LearnedPermutations(nn.Module):
                 module = self._model.get_submodule(name)
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
                 module.weight.data = module.weight.data.contiguous()  # undo attach's transposed layout
+        self._masked = []
         self._attached = False
 
     @contextlib.contextmanager
