@@ -17,8 +17,12 @@ __all__ = ["log_sinkhorn", "log_sinkhorn_warm", "sinkhorn", "sinkhorn_warm", "sa
 def sample_gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                   eps: float = 1e-20) -> Tensor:
-    """Standard Gumbel noise ``-log(-log U)``."""
-    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    """Standard Gumbel noise ``-log(-log U)``. A generator on another device than ``device`` (the callback's CPU
+    generator while the costs sit on a GPU) draws there and the noise is moved: the same noise on every device."""
+    if generator is not None and device is not None and generator.device != torch.device(device):
+        u = torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    else:
+        u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
     return -torch.log(-torch.log(u + eps) + eps)
 
 
