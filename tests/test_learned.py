@@ -58,7 +58,6 @@ def test_learning_lowers_the_loss_on_a_tiny_model():
 
 
 def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
-
     model = tiny_llama(seed=0)
     module = CausalLMModule(model, alpha=0.0, max_nonfinite=3)
     learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=2).attach()

@@ -142,7 +142,8 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
         warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
         gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
         normalize=perm_cfg.normalize, seed=cfg.seed, foldable=bool(perm_cfg.get("foldable", False)),
-        grad_precision=perm_cfg.get("grad_precision", "auto"), calibrate=calibrate, checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
+        grad_precision=perm_cfg.get("grad_precision", "auto"), calibrate=calibrate,
+        checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
     )
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
