@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from permsparse.export import fold_model, restrict_to_heads, semi_structured_support, to_semi_structured
-from permsparse.models import get_spec
+from permsparse.export import fold_model, semi_structured_support, to_semi_structured
+from permsparse.models import ValueRows, get_spec
+from permsparse.permutation.heads import restrict_to_heads
 from permsparse.prune import prune_model
 from permsparse.sparsity.nm import nm_mask
 from permsparse.sparsity.pruners import MagnitudePruner
@@ -132,9 +133,8 @@ def _foldable_perms(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Te
     perms = {}
     for group in get_spec(model).groups(model):
         perm = torch.randperm(model.get_submodule(group.linears[0]).in_features, generator=gen)
-        if group.producer.get("type") == "v_rows":
-            p = group.producer
-            perm = restrict_to_heads(perm, p["head_dim"], p["num_heads"], p["num_kv_heads"])
+        if isinstance(group.producer, ValueRows):
+            perm = restrict_to_heads(perm, *group.producer.head_layout)
         perms[group.name] = perm
     return perms
 

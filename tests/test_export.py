@@ -1,4 +1,4 @@
-"""Export (METHOD.md section 6): fold, gather, save, reload, verify -- on tiny Llama/Qwen2/Mistral and a tiny timm ViT."""
+"""Export (docs/method.md §6): fold, gather, save, reload, verify -- on tiny Llama/Qwen2/Mistral and a tiny timm ViT."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from permsparse.export import (
     export_run,
     find_gathers,
     fold_model,
-    is_foldable,
-    kv_head_perms,
     load_exported,
-    restrict_to_heads,
     save_pruned_state,
     to_semi_structured,
 )
 from permsparse.export import fold as fold_mod
 from permsparse.models import get_spec
+from permsparse.models.binding import ValueRows
 from permsparse.models.tiny import tiny_llama, tiny_mistral, tiny_qwen2, tiny_vit
+from permsparse.permutation.foldable import is_foldable
+from permsparse.permutation.heads import kv_head_perms, restrict_to_heads
 from permsparse.prune import prune_model
 from permsparse.sparsity.nm import check_nm
 from permsparse.sparsity.pruners import MagnitudePruner
@@ -42,8 +42,7 @@ RESIDUAL_KINDS = {"qkv", "gate_up", "fc1"}
 
 
 def _layout(group) -> tuple[int, int, int]:
-    p = group.producer
-    return p["head_dim"], p["num_heads"], p["num_kv_heads"]
+    return group.producer.head_layout
 
 
 def random_perms(model, seed: int = 0, o_mode: str = "within") -> dict[str, torch.Tensor]:
@@ -53,7 +52,7 @@ def random_perms(model, seed: int = 0, o_mode: str = "within") -> dict[str, torc
     for group in get_spec(model).groups(model):
         d_in = model.get_submodule(group.linears[0]).in_features
         perm = torch.randperm(d_in, generator=gen)
-        if group.producer.get("type") == "v_rows" and o_mode == "within":
+        if isinstance(group.producer, ValueRows) and o_mode == "within":
             perm = restrict_to_heads(perm, *_layout(group))
         out[group.name] = perm
     return out

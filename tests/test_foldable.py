@@ -9,8 +9,9 @@ import torch
 from conftest import TINY_LM, TINY_VIT, compose_cfg
 
 from permsparse.config import ConfigError, validate_config
-from permsparse.export import export_model, export_run, is_foldable, kv_head_perms, load_exported, plan_fold
+from permsparse.export import export_model, export_run, load_exported, plan_fold
 from permsparse.models import get_spec
+from permsparse.models.binding import ResidualStream, ValueRows
 from permsparse.models.tiny import tiny_llama, tiny_vit
 from permsparse.permutation.base import PermutationMethod
 from permsparse.permutation.channel_swap import GreedyChannelSwap
@@ -19,8 +20,10 @@ from permsparse.permutation.foldable import (
     HeadRestricted,
     find_within_heads,
     head_layout,
+    is_foldable,
     restrict_if_foldable,
 )
+from permsparse.permutation.heads import kv_head_perms
 from permsparse.permutation.learned import LearnedPermutations
 from permsparse.permutation.ria_cp import RIAChannelPermutation
 from permsparse.prune import check_model_divisible, group_scores, prune_model
@@ -34,7 +37,7 @@ HEURISTICS = {"greedy": lambda: GreedyChannelSwap(escape_attempts=10), "ria": RI
 
 
 def v_rows_groups(model):
-    return [g for g in get_spec(model).groups(model) if g.producer.get("type") == "v_rows"]
+    return [g for g in get_spec(model).groups(model) if isinstance(g.producer, ValueRows)]
 
 
 def crossing_groups(model, perms) -> list[str]:
@@ -115,8 +118,7 @@ def test_head_restricted_search_maximises_the_summed_kept_score_of_the_tied_quer
     # 4 query heads of head_dim 8 sharing 2 kv heads: the best tied permutation, checked by brute force on the
     # true objective (sum over the tied heads of each one's kept score), with heads of very different scores.
     pattern, head_dim, heads, kv = NMPattern(2, 4), 8, 4, 2
-    group = type("G", (), {"name": "o", "producer": {"type": "v_rows", "head_dim": head_dim, "num_heads": heads,
-                                                    "num_kv_heads": kv}})()
+    group = type("G", (), {"name": "o", "producer": ValueRows("v", (0, kv * head_dim), head_dim, heads, kv)})()
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(6, heads * head_dim, generator=gen) ** 4 * torch.rand(1, heads * head_dim, generator=gen)
     perm = find_within_heads(Exhaustive(), scores, pattern, group)
@@ -178,7 +180,7 @@ def test_learned_foldable_ties_heads_and_its_permutations_export_with_require_fo
     build = {"_target_": "permsparse.models.tiny.tiny_vit", "seed": 0} if family == "vit" else None
     result = export_model(model, perms, "2:4", tmp_path / "export", require_foldable=True, build=build)
     assert result.report.counts()["gathered"] == len([g for g in get_spec(model).groups(model)
-                                                      if g.producer.get("type") == "residual"])
+                                                      if isinstance(g.producer, ResidualStream)])
 
 
 def test_learned_foldable_restricts_a_cross_head_init():
@@ -191,7 +193,7 @@ def test_learned_foldable_restricts_a_cross_head_init():
                                   foldable=True)
     hard = learned.hard_permutations()
     for group in get_spec(model).groups(model):
-        if group.producer.get("type") == "v_rows":
+        if isinstance(group.producer, ValueRows):
             assert not is_foldable(group, init[group.name])[0] and is_foldable(group, hard[group.name])[0]
 
 

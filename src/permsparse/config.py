@@ -6,15 +6,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from permsparse.errors import ConfigError
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["ConfigError", "validate_config"]
 
 _TASKS = {"causal_lm", "image_classification"}
-
-
-class ConfigError(ValueError):
-    """A bad config value: the message names the key, the value and the valid choices or the fix."""
 
 
 def _require(cfg: DictConfig, key: str) -> object:

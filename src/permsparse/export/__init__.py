@@ -1,4 +1,4 @@
-"""Deployment (METHOD.md section 6): fold permutations into weights, runtime gathers, save, verify, 2:4 kernels.
+"""Deployment (docs/method.md §6): fold permutations into weights, runtime gathers, save, verify, 2:4 kernels.
 
 Primary API: ``export_model(model, report.perms, pattern, out_dir)`` on a model pruned by ``prune_model``;
 ``load_exported(out_dir)`` rebuilds it; ``export_run(run_dir)`` (``python -m permsparse.export <run dir>``)
@@ -7,7 +7,8 @@ deployed 2:4 linears into PyTorch's semi-structured sparse tensors on Ampere+ GP
 
 The ``q,k,v``/``qkv``, ``gate,up`` and ``fc1`` permutations (readers of the residual stream) fold only when
 they are one shared permutation (``perm.residual=shared``): ``fold_residual_permutation`` then stores the
-residual stream permuted; otherwise those layers get a runtime gather.
+residual stream permuted; otherwise those layers get a runtime gather. Which permutations fold is permutation
+algebra, in :mod:`permsparse.permutation.foldable` and :mod:`permsparse.permutation.heads`.
 """
 
 from permsparse.export.export import (
@@ -34,12 +35,8 @@ from permsparse.export.fold import (
     GroupFold,
     check_deployed_nm,
     check_pruned_nm,
-    expand_kv_head_perms,
     fold_model,
-    is_foldable,
-    kv_head_perms,
     plan_fold,
-    restrict_to_heads,
 )
 from permsparse.export.gather import PermutedLinear, find_gathers, insert_gather, remove_gather
 from permsparse.export.kernels import semi_structured_support, to_semi_structured
@@ -59,7 +56,6 @@ __all__ = [
     "check_deployed_nm",
     "check_pruned_nm",
     "example_inputs",
-    "expand_kv_head_perms",
     "export_model",
     "export_run",
     "find_gathers",
@@ -67,8 +63,6 @@ __all__ = [
     "fold_model",
     "insert_gather",
     "instantiate_node",
-    "is_foldable",
-    "kv_head_perms",
     "load_exported",
     "load_pruned_state",
     "model_outputs",
@@ -76,7 +70,6 @@ __all__ = [
     "register_export_family",
     "remove_gather",
     "residual_groups",
-    "restrict_to_heads",
     "save_pruned_state",
     "semi_structured_support",
     "shared_residual_perm",

@@ -1,7 +1,7 @@
 """Fold learned input permutations into the weights: the deployed model stores ``W[:, perm]`` (truly N:M).
 
 ``prune_model`` leaves every linear in its original channel order, masked as ``W * M'[:, argsort(p)]``
-(METHOD.md section 3). Deployment needs the real reorder (section 6): every bound linear stores
+(docs/method.md §3). Deployment needs the real reorder (§6): every bound linear stores
 ``W[:, p]`` and must *receive* ``x[..., p]``. Per binding group that input is produced
 
 * by the output rows of other linears through an elementwise function (``down`` after ``gate``/``up``,
@@ -31,17 +31,22 @@ from torch import Tensor, nn
 
 from permsparse.export.gather import insert_gather
 from permsparse.export.residual import fold_residual_permutation, shared_residual_perm
-from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
-from permsparse.permutation.base import invert, is_permutation
+from permsparse.models.binding import (
+    BindingGroup,
+    BindingSpec,
+    OutputRows,
+    ResidualStream,
+    ValueRows,
+    get_spec,
+)
+from permsparse.permutation.base import is_permutation
+from permsparse.permutation.foldable import is_foldable
+from permsparse.permutation.heads import as_perm, expand_kv_head_perms, kv_head_perms
 from permsparse.sparsity.nm import NMPattern, check_nm
 
 __all__ = [
     "GroupFold",
     "FoldReport",
-    "is_foldable",
-    "kv_head_perms",
-    "restrict_to_heads",
-    "expand_kv_head_perms",
     "plan_fold",
     "fold_model",
     "check_pruned_nm",
@@ -50,10 +55,6 @@ __all__ = [
 
 IDENTITY, FOLDED, GATHERED = "identity", "folded", "gathered"
 
-RESIDUAL_REASON = (
-    "input is the normalised residual stream and the residual-reading groups do not share one permutation "
-    "(folding needs one global residual-stream permutation: perm.residual=shared); a runtime gather is inserted"
-)
 RESIDUAL_FOLDED_REASON = (
     "shared residual-stream permutation: folded into the embeddings, every norm, the residual writers' rows "
     "and the head (fold_residual_permutation)"
@@ -132,103 +133,6 @@ class FoldReport:
         return "\n".join(lines)
 
 
-def _as_perm(perm: Tensor | Any) -> Tensor:
-    return torch.as_tensor(perm).detach().long().reshape(-1).cpu()
-
-
-def _head_layout(group: BindingGroup) -> tuple[int, int, int]:
-    p = group.producer
-    return int(p["head_dim"]), int(p["num_heads"]), int(p.get("num_kv_heads") or p["num_heads"])
-
-
-def kv_head_perms(perm: Tensor, head_dim: int, num_heads: int, num_kv_heads: int) -> tuple[Tensor | None, str]:
-    """The per-kv-head permutations ``(num_kv_heads, head_dim)`` of an attention output permutation, if any.
-
-    ``perm`` permutes the ``num_heads * head_dim`` input channels of ``o``/``proj``. It can be folded into
-    ``v``'s rows iff every query head's block maps onto itself and the query heads sharing one kv head
-    (``h // (num_heads // num_kv_heads)``) use the same local permutation. Returns ``(local, "")`` then,
-    else ``(None, why)``.
-    """
-    perm = _as_perm(perm)
-    if num_heads % num_kv_heads:
-        return None, f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
-    if perm.numel() != num_heads * head_dim:
-        return None, f"permutation has {perm.numel()} channels, heads give {num_heads} x {head_dim}"
-    local = perm.reshape(num_heads, head_dim) - torch.arange(num_heads).unsqueeze(1) * head_dim
-    crossing = ((local < 0) | (local >= head_dim)).any(dim=1)
-    if crossing.any():
-        heads = crossing.nonzero().flatten().tolist()
-        return None, (f"permutation crosses heads (query heads {heads[:8]}{'...' if len(heads) > 8 else ''} "
-                      f"take channels of other heads; head_dim={head_dim})")
-    rep = num_heads // num_kv_heads
-    grouped = local.reshape(num_kv_heads, rep, head_dim)
-    differ = (grouped != grouped[:, :1]).any(dim=2).any(dim=1)
-    if differ.any():
-        kv = differ.nonzero().flatten().tolist()
-        return None, (f"within-head permutation differs across the {rep} query heads sharing kv head(s) "
-                      f"{kv[:8]} (grouped-query attention: they read the same v rows)")
-    return grouped[:, 0].clone(), ""
-
-
-def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
-    """Whether ``group``'s input permutation can be folded into its producer, and why (one line).
-
-    Residual-stream groups are not foldable one by one (that needs one global residual-stream permutation shared
-    by all of them, which :func:`plan_fold` detects);
-    ``rows`` producers always are; ``v_rows`` (attention output) only within heads, identical across the
-    query heads of one kv head. The identity is trivially foldable.
-    """
-    perm = _as_perm(perm)
-    if torch.equal(perm, torch.arange(perm.numel())):
-        return True, "identity permutation: nothing to fold or gather"
-    ptype = group.producer.get("type", "none")
-    if ptype == "residual":
-        return False, RESIDUAL_REASON
-    if ptype == "rows":
-        mods = ", ".join(m.rsplit(".", 1)[-1] for m in group.producer["modules"])
-        return True, f"folded into the output rows of {mods} (elementwise function in between)"
-    if ptype == "v_rows":
-        local, why = kv_head_perms(perm, *_head_layout(group))
-        if local is None:
-            return False, f"{why}; a runtime gather is needed"
-        return True, f"within-head permutation folded into the value rows of {group.producer['module'].rsplit('.', 1)[-1]}"
-    return False, f"producer type {ptype!r}: the input is not produced by foldable rows; a runtime gather is needed"
-
-
-def restrict_to_heads(perm: Tensor, head_dim: int, num_heads: int, num_kv_heads: int | None = None) -> Tensor:
-    """The foldable permutation closest in spirit to ``perm``: within heads, identical across GQA query heads.
-
-    For kv head ``j`` the local order is the order in which ``perm`` places the channels of the first query
-    head of that kv group (``h0 = j * num_heads // num_kv_heads``); every query head of the group gets it.
-    Idempotent, and the identity on permutations that are already foldable (modulo GQA ties, where the
-    first query head wins). Masks must be recomputed for the returned permutation. This is the hook a
-    ``perm.foldable=true`` option can use; a learned method can instead tie its costs per kv head and
-    build the permutation with :func:`expand_kv_head_perms`.
-    """
-    perm = _as_perm(perm)
-    num_kv_heads = num_kv_heads or num_heads
-    if perm.numel() != num_heads * head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"cannot restrict a permutation of {perm.numel()} channels to {num_heads} heads x "
-                         f"{head_dim} (kv heads {num_kv_heads})")
-    rep = num_heads // num_kv_heads
-    position = invert(perm)
-    local = torch.stack([
-        torch.argsort(position[j * rep * head_dim:(j * rep + 1) * head_dim], stable=True)
-        for j in range(num_kv_heads)
-    ])
-    return expand_kv_head_perms(local, num_heads)
-
-
-def expand_kv_head_perms(local: Tensor, num_heads: int) -> Tensor:
-    """``(num_kv_heads, head_dim)`` local permutations -> the ``(num_heads * head_dim,)`` foldable permutation."""
-    local = torch.as_tensor(local).long()
-    num_kv_heads, head_dim = local.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    per_head = local.repeat_interleave(num_heads // num_kv_heads, dim=0)
-    return (per_head + torch.arange(num_heads).unsqueeze(1) * head_dim).reshape(-1)
-
-
 def _linear(model: nn.Module, name: str) -> nn.Linear:
     module = model.get_submodule(name)
     if not isinstance(module, nn.Linear):
@@ -245,7 +149,7 @@ def _checked_perms(model: nn.Module, groups: list[BindingGroup], perms: Mapping[
     for group in groups:
         if group.name not in perms:
             raise ValueError(f"no permutation given for binding group {group.name!r}")
-        perm = _as_perm(perms[group.name])
+        perm = as_perm(perms[group.name])
         d_in = _linear(model, group.linears[0]).in_features
         if not is_permutation(perm, d_in):
             raise ValueError(f"{group.name}: permutation is not a bijection of range({d_in})")
@@ -281,18 +185,19 @@ def plan_fold(model: nn.Module, perms: Mapping[str, Tensor], spec: BindingSpec |
     for group in groups:
         perm = checked[group.name]
         ok, reason = is_foldable(group, perm)
-        ptype = group.producer.get("type", "none")
+        producer = group.producer
         into: list[str] = []
         if torch.equal(perm, torch.arange(perm.numel())):
             mode = IDENTITY
-        elif ptype == "residual" and shared is not None:
+        elif isinstance(producer, ResidualStream) and shared is not None:
             if residual_why:
                 mode, reason = GATHERED, f"shared residual-stream permutation, but {residual_why}; a runtime gather is inserted"
             else:
                 mode, reason, into = FOLDED, RESIDUAL_FOLDED_REASON, [RESIDUAL_STREAM]
         elif ok:
-            into = list(group.producer["modules"]) if ptype == "rows" else [group.producer["module"]]
-            mismatch = [m for m in into if ptype == "rows" and _linear(model, m).out_features != perm.numel()]
+            rows = isinstance(producer, OutputRows)
+            into = list(producer.modules) if rows else [producer.module]  # type: ignore[attr-defined]
+            mismatch = [m for m in into if rows and _linear(model, m).out_features != perm.numel()]
             if mismatch:
                 ok, reason = False, (f"producer rows of {mismatch} ({_linear(model, mismatch[0]).out_features}) do not "
                                      f"match the {perm.numel()} input channels (not an elementwise link); "
@@ -301,7 +206,7 @@ def plan_fold(model: nn.Module, perms: Mapping[str, Tensor], spec: BindingSpec |
             mode = FOLDED if ok else GATHERED
         else:
             mode = GATHERED
-        if mode == GATHERED and require_foldable and ptype != "residual":
+        if mode == GATHERED and require_foldable and not isinstance(producer, ResidualStream):
             raise ValueError(f"{group.name}: permutation of {group.kind!r} is not foldable ({reason}); "
                              "require_foldable=True refuses runtime gathers here. Restrict the permutation to "
                              "within-head blocks identical across the query heads of each kv head "
@@ -316,19 +221,20 @@ def _row_perms(model: nn.Module, spec: BindingSpec, plan: list[GroupFold]) -> di
     rows: dict[str, Tensor] = {}
     for fold in plan:
         producer = groups[fold.name].producer
-        if fold.mode != FOLDED or producer.get("type") == "residual":  # residual: fold_residual_permutation
+        if fold.mode != FOLDED or isinstance(producer, ResidualStream):  # residual: fold_residual_permutation
             continue
         for name in fold.into:
             if name in rows:
                 raise ValueError(f"{name} would absorb two permutations (second from {fold.name}); binding spec bug")
             out_features = _linear(model, name).out_features
-            if producer["type"] == "rows":
+            if isinstance(producer, OutputRows):
                 rows[name] = fold.perm
-            else:  # v_rows: permute the value rows of every kv head by its local permutation
-                head_dim, num_heads, num_kv_heads = _head_layout(groups[fold.name])
+            else:  # ValueRows: permute the value rows of every kv head by its local permutation
+                assert isinstance(producer, ValueRows)
+                head_dim, num_heads, num_kv_heads = producer.head_layout
                 local, _ = kv_head_perms(fold.perm, head_dim, num_heads, num_kv_heads)
                 assert local is not None  # plan_fold only folds foldable permutations
-                start, stop = (int(i) for i in producer["rows"])
+                start, stop = producer.rows
                 if stop - start != num_kv_heads * head_dim:
                     raise ValueError(f"{fold.name}: v rows {start}..{stop} do not hold {num_kv_heads} x {head_dim}")
                 full = torch.arange(out_features)
@@ -346,7 +252,7 @@ def check_pruned_nm(model: nn.Module, perms: Mapping[str, Tensor], pattern: NMPa
     pattern = NMPattern.parse(pattern)
     spec = spec or get_spec(model)
     for group in spec.groups(model):
-        perm = _as_perm(perms[group.name])
+        perm = as_perm(perms[group.name])
         for name in group.linears:
             weight = _linear(model, name).weight.detach()
             try:

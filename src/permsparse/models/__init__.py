@@ -1,7 +1,18 @@
 """Per-architecture binding specs (which linears share a permutation) and model loaders."""
 
-from permsparse.models.binding import SPECS, BindingGroup, BindingSpec, get_spec, register_spec
+from permsparse.models.binding import (
+    SPECS,
+    BindingGroup,
+    BindingSpec,
+    Opaque,
+    OutputRows,
+    Producer,
+    ResidualStream,
+    ValueRows,
+    get_spec,
+    register_spec,
+)
 from permsparse.models.llama import LlamaLikeSpec
 from permsparse.models.vit import TimmViTSpec
 
-__all__ = ["SPECS", "BindingGroup", "BindingSpec", "get_spec", "register_spec", "LlamaLikeSpec", "TimmViTSpec"]
+__all__ = ["SPECS", "BindingGroup", "BindingSpec", "Producer", "ResidualStream", "OutputRows", "ValueRows", "Opaque", "get_spec", "register_spec", "LlamaLikeSpec", "TimmViTSpec"]

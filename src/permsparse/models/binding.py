@@ -1,20 +1,84 @@
 """Binding specs: explicit, per-architecture knowledge of which linears share one input permutation.
 
-Layers that read the same tensor must be permuted together (METHOD.md section 3). A spec lists,
+Layers that read the same tensor must be permuted together (docs/method.md §3). A spec lists,
 for a model family, every *binding group* (the linears, their block, and who produces their input,
 which export needs to fold the permutation into the producer's output rows). Adding a family is
 adding one :class:`BindingSpec` subclass and registering it; nothing here traces graphs or matches
 model names.
+
+The producer of a group's input is one of four small records: :class:`ResidualStream`,
+:class:`OutputRows`, :class:`ValueRows` or :class:`Opaque`; code asks ``isinstance``, never a string.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
-__all__ = ["BindingGroup", "BindingSpec", "register_spec", "get_spec", "SPECS"]
+__all__ = ["BindingGroup", "BindingSpec", "register_spec", "get_spec", "SPECS", "Producer", "ResidualStream",
+           "OutputRows", "ValueRows", "Opaque"]
+
+
+@dataclass(frozen=True)
+class Producer:
+    """How a binding group's input is produced: what export can fold the group's permutation into.
+
+    ``kind`` is a stable one-word name for reports and result files.
+    """
+
+    kind: ClassVar[str] = "abstract"
+
+
+@dataclass(frozen=True)
+class ResidualStream(Producer):
+    """The normalised residual stream (``q,k,v`` / ``qkv``, ``gate,up``, ``fc1``): foldable only as one
+    permutation shared by every residual reader (``perm.residual=shared``)."""
+
+    kind: ClassVar[str] = "residual"
+
+
+@dataclass(frozen=True)
+class OutputRows(Producer):
+    """The output rows of ``modules`` through an elementwise function (``down`` after ``gate``/``up``,
+    ``fc2`` after ``fc1``): always foldable into those rows (and biases)."""
+
+    modules: tuple[str, ...]
+    kind: ClassVar[str] = "rows"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+
+@dataclass(frozen=True)
+class ValueRows(Producer):
+    """The concatenated attention heads (``o_proj`` / ``attn.proj``): foldable into the value rows
+    ``rows = (start, stop)`` of ``module`` only within heads, identically for the query heads that share
+    one kv head."""
+
+    module: str
+    rows: tuple[int, int]
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    kind: ClassVar[str] = "v_rows"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", (int(self.rows[0]), int(self.rows[1])))
+
+    @property
+    def head_layout(self) -> tuple[int, int, int]:
+        """``(head_dim, num_heads, num_kv_heads)``."""
+        return int(self.head_dim), int(self.num_heads), int(self.num_kv_heads or self.num_heads)
+
+
+@dataclass(frozen=True)
+class Opaque(Producer):
+    """Anything else (e.g. a norm between ``fc1`` and ``fc2``): not foldable, export gathers."""
+
+    kind: ClassVar[str] = "none"
 
 
 @dataclass
@@ -26,18 +90,14 @@ class BindingGroup:
         linears: module names (``model.get_submodule``) of the bound ``nn.Linear`` layers.
         kind: role inside the block (``qkv``, ``o``, ``gate_up``, ``down``, ``proj``, ``fc1``, ``fc2``).
         block: index of the Transformer block the group belongs to.
-        producer: how the input is produced, for folding: ``{"type": "residual"}`` for the
-            normalised residual stream; ``{"type": "rows", "modules": [...]}`` when the input is the
-            output rows of those linears (through an elementwise function); ``{"type": "v_rows",
-            "module": name, "rows": (start, stop), "head_dim": d, "num_heads": h, "num_kv_heads": k}``
-            for an attention output projection (the value rows, foldable only within heads).
+        producer: how the input is produced, for folding (a :class:`Producer` record).
     """
 
     name: str
     linears: list[str]
     kind: str
     block: int
-    producer: dict = field(default_factory=dict)
+    producer: Producer = field(default_factory=Opaque)
 
 
 class BindingSpec(ABC):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from permsparse.models.binding import BindingGroup, BindingSpec, register_spec
+from permsparse.models.binding import (
+    BindingGroup,
+    BindingSpec,
+    OutputRows,
+    ResidualStream,
+    ValueRows,
+    register_spec,
+)
 
 __all__ = ["LlamaLikeSpec"]
 
@@ -62,16 +69,13 @@ class LlamaLikeSpec(BindingSpec):
             a, m = f"{p}.self_attn", f"{p}.mlp"
             out += [
                 BindingGroup(f"layers.{i}.qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv", i,
-                             {"type": "residual"}),
-                BindingGroup(
-                    f"layers.{i}.o", [f"{a}.o_proj"], "o", i,
-                    {"type": "v_rows", "module": f"{a}.v_proj", "rows": (0, kv_heads * head_dim),
-                     "head_dim": head_dim, "num_heads": heads, "num_kv_heads": kv_heads},
-                ),
+                             ResidualStream()),
+                BindingGroup(f"layers.{i}.o", [f"{a}.o_proj"], "o", i,
+                             ValueRows(f"{a}.v_proj", (0, kv_heads * head_dim), head_dim, heads, kv_heads)),
                 BindingGroup(f"layers.{i}.gate_up", [f"{m}.gate_proj", f"{m}.up_proj"], "gate_up", i,
-                             {"type": "residual"}),
+                             ResidualStream()),
                 BindingGroup(f"layers.{i}.down", [f"{m}.down_proj"], "down", i,
-                             {"type": "rows", "modules": [f"{m}.gate_proj", f"{m}.up_proj"]}),
+                             OutputRows((f"{m}.gate_proj", f"{m}.up_proj"))),
             ]
         return out
 

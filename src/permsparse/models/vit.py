@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from torch import nn
 
-from permsparse.models.binding import BindingGroup, BindingSpec, register_spec
+from permsparse.models.binding import (
+    BindingGroup,
+    BindingSpec,
+    Opaque,
+    OutputRows,
+    ResidualStream,
+    ValueRows,
+    register_spec,
+)
 
 __all__ = ["TimmViTSpec"]
 
 
 @register_spec
 class TimmViTSpec(BindingSpec):
-    """timm ViT blocks: ``{attn.qkv}``, ``{attn.proj}``, ``{mlp.fc1}``, ``{mlp.fc2}`` (METHOD.md section 3).
+    """timm ViT blocks: ``{attn.qkv}``, ``{attn.proj}``, ``{mlp.fc1}``, ``{mlp.fc2}`` (docs/method.md §3).
 
     Never the patch embedding or the head. ``qkv`` and ``fc1`` read the normalised residual stream;
     ``fc2`` reads ``act(fc1(x))`` so its permutation folds into the rows of ``fc1``; ``proj`` reads the
@@ -46,23 +54,18 @@ class TimmViTSpec(BindingSpec):
                 )
             if mlp is None or not isinstance(getattr(mlp, "fc1", None), nn.Linear):
                 raise ValueError(f"{p}: timm ViT spec expects mlp.fc1/mlp.fc2 nn.Linear (got {type(mlp).__name__})")
-            dim = attn.qkv.in_features
             heads = attn.num_heads
             head_dim = attn.qkv.out_features // (3 * heads)
             # Folding fc2's permutation into fc1's rows is exact only if everything between them is elementwise.
             mlp_elementwise = isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
             out += [
-                BindingGroup(f"{p}.qkv", [f"{p}.attn.qkv"], "qkv", i, {"type": "residual"}),
-                BindingGroup(
-                    f"{p}.proj", [f"{p}.attn.proj"], "proj", i,
-                    {"type": "v_rows", "module": f"{p}.attn.qkv", "rows": (2 * heads * head_dim, 3 * heads * head_dim),
-                     "head_dim": head_dim, "num_heads": heads, "num_kv_heads": heads},
-                ),
-                BindingGroup(f"{p}.fc1", [f"{p}.mlp.fc1"], "fc1", i, {"type": "residual", "dim": dim}),
-                BindingGroup(
-                    f"{p}.fc2", [f"{p}.mlp.fc2"], "fc2", i,
-                    {"type": "rows", "modules": [f"{p}.mlp.fc1"]} if mlp_elementwise else {"type": "none"},
-                ),
+                BindingGroup(f"{p}.qkv", [f"{p}.attn.qkv"], "qkv", i, ResidualStream()),
+                BindingGroup(f"{p}.proj", [f"{p}.attn.proj"], "proj", i,
+                             ValueRows(f"{p}.attn.qkv", (2 * heads * head_dim, 3 * heads * head_dim), head_dim,
+                                       heads, heads)),
+                BindingGroup(f"{p}.fc1", [f"{p}.mlp.fc1"], "fc1", i, ResidualStream()),
+                BindingGroup(f"{p}.fc2", [f"{p}.mlp.fc2"], "fc2", i,
+                             OutputRows((f"{p}.mlp.fc1",)) if mlp_elementwise else Opaque()),
             ]
         return out
 

@@ -1,9 +1,10 @@
 """``perm.foldable=true``: attention-output permutations restricted so that export can always fold them.
 
-The input permutation of ``o_proj`` / ``attn.proj`` (binding groups whose producer is ``v_rows``) folds into
-the value rows of ``v`` only if it maps every head's ``head_dim`` block onto itself and, with grouped-query
-attention, is the same for the query heads that share one kv head (they read the same ``v`` rows;
-METHOD.md section 6). Other groups are unaffected.
+The input permutation of ``o_proj`` / ``attn.proj`` (binding groups whose producer is
+:class:`~permsparse.models.binding.ValueRows`) folds into the value rows of ``v`` only if it maps every head's
+``head_dim`` block onto itself and, with grouped-query attention, is the same for the query heads that share
+one kv head (they read the same ``v`` rows; docs/method.md §6, :mod:`permsparse.permutation.heads`). Other groups
+are unaffected. :func:`is_foldable` says, for any group and permutation, whether export can fold it.
 
 **Heuristics** (:class:`HeadRestricted`, wrapping greedy CP, RIA CP, ...): one local permutation ``pi_j`` of
 the ``head_dim`` channels is chosen per kv head ``j`` and applied to each of its ``rep = num_heads /
@@ -28,30 +29,62 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from permsparse.models.binding import BindingGroup
+from permsparse.errors import ConfigError
+from permsparse.models.binding import BindingGroup, OutputRows, ResidualStream, ValueRows
 from permsparse.permutation.base import PermutationMethod, WrappedMethod
+from permsparse.permutation.heads import as_perm, expand_kv_head_perms, kv_head_perms
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["HeadRestricted", "find_within_heads", "head_layout", "is_head_restricted", "check_foldable",
-           "restrict_if_foldable", "FOLDABLE_KEY"]
+           "is_foldable", "restrict_if_foldable", "FOLDABLE_KEY", "RESIDUAL_REASON"]
 
 FOLDABLE_KEY = "perm.foldable"
 
+RESIDUAL_REASON = (
+    "input is the normalised residual stream and the residual-reading groups do not share one permutation "
+    "(folding needs one global residual-stream permutation: perm.residual=shared); a runtime gather is inserted"
+)
+
 
 def is_head_restricted(group: BindingGroup) -> bool:
-    """True for the groups ``perm.foldable`` restricts: attention output projections (producer ``v_rows``)."""
-    return group.producer.get("type") == "v_rows"
+    """True for the groups ``perm.foldable`` restricts: attention output projections (producer ``ValueRows``)."""
+    return isinstance(group.producer, ValueRows)
 
 
 def head_layout(group: BindingGroup) -> tuple[int, int, int]:
-    """``(head_dim, num_heads, num_kv_heads)`` of a ``v_rows`` group."""
-    p = group.producer
-    return int(p["head_dim"]), int(p["num_heads"]), int(p.get("num_kv_heads") or p["num_heads"])
+    """``(head_dim, num_heads, num_kv_heads)`` of a group whose producer is :class:`ValueRows`."""
+    if not isinstance(group.producer, ValueRows):
+        raise ValueError(f"{group.name}: producer {group.producer.kind!r} has no head layout")
+    return group.producer.head_layout
+
+
+def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
+    """Whether ``group``'s input permutation can be folded into its producer, and why (one line).
+
+    Residual-stream groups are not foldable one by one (that needs one global residual-stream permutation shared
+    by all of them, which :func:`~permsparse.export.fold.plan_fold` detects); :class:`OutputRows` producers always
+    are; :class:`ValueRows` (attention output) only within heads, identical across the query heads of one kv head.
+    The identity is trivially foldable.
+    """
+    perm = as_perm(perm)
+    if torch.equal(perm, torch.arange(perm.numel())):
+        return True, "identity permutation: nothing to fold or gather"
+    producer = group.producer
+    if isinstance(producer, ResidualStream):
+        return False, RESIDUAL_REASON
+    if isinstance(producer, OutputRows):
+        mods = ", ".join(m.rsplit(".", 1)[-1] for m in producer.modules)
+        return True, f"folded into the output rows of {mods} (elementwise function in between)"
+    if isinstance(producer, ValueRows):
+        local, why = kv_head_perms(perm, *producer.head_layout)
+        if local is None:
+            return False, f"{why}; a runtime gather is needed"
+        return True, f"within-head permutation folded into the value rows of {producer.module.rsplit('.', 1)[-1]}"
+    return False, (f"producer type {producer.kind!r}: the input is not produced by foldable rows; "
+                   "a runtime gather is needed")
 
 
 def _check_group(group: BindingGroup, pattern: NMPattern, d_in: int | None = None) -> tuple[int, int, int]:
-    from permsparse.config import ConfigError
-
     head_dim, num_heads, num_kv_heads = head_layout(group)
     if num_heads % num_kv_heads:
         raise ConfigError(f"{FOLDABLE_KEY}=true: {group.name} has num_heads={num_heads}, not a multiple of "
@@ -67,7 +100,7 @@ def _check_group(group: BindingGroup, pattern: NMPattern, d_in: int | None = Non
 
 
 def check_foldable(groups: Iterable[BindingGroup], pattern: NMPattern | str) -> None:
-    """Raise :class:`~permsparse.config.ConfigError` (naming ``perm.foldable``) if a ``v_rows`` group cannot be
+    """Raise :class:`~permsparse.errors.ConfigError` (naming ``perm.foldable``) if a ``ValueRows`` group cannot be
     restricted to heads under ``pattern`` (``head_dim`` not divisible by M, or heads not a multiple of kv heads)."""
     pattern = NMPattern.parse(pattern)
     for group in groups:
@@ -79,8 +112,6 @@ def find_within_heads(method: PermutationMethod, scores: Tensor, pattern: NMPatt
                       group: BindingGroup) -> Tensor:
     """A foldable permutation of a ``v_rows`` group: ``method`` run once per kv head on the row-stacked scores
     of the query heads sharing it, expanded to all ``num_heads * head_dim`` channels (see the module docstring)."""
-    from permsparse.export.fold import expand_kv_head_perms
-
     pattern = method.check_scores(scores, pattern, group.name)
     head_dim, num_heads, num_kv_heads = _check_group(group, pattern, scores.shape[1])
     rep = num_heads // num_kv_heads

@@ -27,7 +27,8 @@ from permsparse.permutation.apply import (
 )
 from permsparse.permutation.base import block_to_global, global_to_block
 from permsparse.permutation.cost import LearnableCost, solve_costs
-from permsparse.permutation.foldable import check_foldable, head_layout, is_head_restricted
+from permsparse.permutation.foldable import check_foldable, head_layout, is_foldable, is_head_restricted
+from permsparse.permutation.heads import restrict_to_heads
 from permsparse.permutation.hungarian import perm_to_matrix
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm_scores, keep_top_n_planes, nm_mask
@@ -42,8 +43,6 @@ def cost_key(group_name: str) -> str:
 
 def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
     """``perm`` if export can fold it into ``group``'s value rows, else its :func:`restrict_to_heads`."""
-    from permsparse.export.fold import is_foldable, restrict_to_heads
-
     perm = torch.as_tensor(perm).long().cpu()
     return perm if is_foldable(group, perm)[0] else restrict_to_heads(perm, *head_layout(group))
 
@@ -117,7 +116,7 @@ class LearnedPermutations(nn.Module):
             permutations export can fold (``perm.foldable``): their blocks are the heads (``num_heads`` groups of
             ``head_dim``, ignoring ``groups``) and the query heads sharing a kv head share one cost
             (:class:`LearnableCost` with ``tie``). An ``init`` permutation of such a group that is not foldable
-            is replaced by :func:`~permsparse.export.fold.restrict_to_heads` of it. Other groups are unchanged.
+            is replaced by :func:`~permsparse.permutation.heads.restrict_to_heads` of it. Other groups are unchanged.
         grad_precision: precision of the two matmuls of the hard mode's ``P``-gradient: ``"float32"``, ``"bfloat16"``
             (one bf16 matmul with fp32 accumulation, result rounded to bf16, via a
             :func:`~permsparse.permutation.apply.gradient_workspace` per linear: 4 bytes per weight of memory) or

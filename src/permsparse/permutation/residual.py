@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from permsparse.models.binding import BindingGroup
+from permsparse.models.binding import BindingGroup, ResidualStream
 from permsparse.permutation.base import PermutationMethod, WrappedMethod, is_permutation
 from permsparse.sparsity.nm import NMPattern
 
@@ -38,8 +38,8 @@ RESIDUAL_CHOICES = ("per_layer", "shared")
 
 
 def is_residual(group: BindingGroup) -> bool:
-    """True for the groups that read the residual stream (producer type ``residual``)."""
-    return group.producer.get("type") == "residual"
+    """True for the groups that read the residual stream (producer :class:`ResidualStream`)."""
+    return isinstance(group.producer, ResidualStream)
 
 
 def find_shared_residual(method: PermutationMethod, scores: Sequence[Tensor], pattern: NMPattern | str,
