@@ -4,7 +4,7 @@ Machinery = for every binding group: Sinkhorn (forward + backward), Hungarian ha
 the permuted scores, and the masked-weight products ``((W P) * M) P^T`` (forward + backward to ``P``).
 Model step = one forward + backward of an untouched copy of the model at the same batch (weights requiring
 grad and in their own layout, as in ordinary training). Default: SmolLM2-135M at batch 4 x 256 tokens,
-magnitude scores, the permutation gradient's matmuls in the precision ``perm.grad_precision=auto`` picks
+magnitude scores, the permutation gradient's matmuls in the precision ``perm.method.grad_precision=auto`` picks
 (``--grad-precision``).
 
 The machinery is timed in a training-like state, not a frozen one: before every timed call the costs
@@ -30,7 +30,7 @@ import time
 import torch
 
 from permsparse.models.binding import get_spec
-from permsparse.permutation.learned import LearnedPermutations, cost_key
+from permsparse.permutation.learned import LearnedPermutation, LearnedPermutations, cost_key
 from permsparse.sparsity.pruners import MagnitudePruner
 
 
@@ -42,14 +42,15 @@ def timed(fn, setup=lambda: None) -> float:
 
 
 def main() -> None:
+    defaults = LearnedPermutation()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2-135M")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--sinkhorn-iters", type=int, default=20)
-    parser.add_argument("--warm-iters", type=int, default=5,
-                        help="warm-start Sinkhorn with this many iterations (conf/perm/learned.yaml: 5; 0: from scratch)")
+    parser.add_argument("--groups", type=int, default=defaults.groups)
+    parser.add_argument("--sinkhorn-iters", type=int, default=defaults.sinkhorn_iters)
+    parser.add_argument("--warm-iters", type=int, default=defaults.warm_iters or 0,
+                        help="warm-start Sinkhorn with this many iterations (default: the method's; 0: from scratch)")
     parser.add_argument("--tau", type=float, default=0.5)
     parser.add_argument("--costs", default=None, help="start from the costs in this checkpoint (a learned run's last.ckpt)")
     parser.add_argument("--spread", type=float, default=1.0,
@@ -59,8 +60,8 @@ def main() -> None:
                              "15%% of the channels and 46%% of the M-blocks per call, as one AdamW step at the peak "
                              "lr (0.01) does to the default run's trained costs (16%% and 48%%)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--grad-precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="matmuls of the permutation gradient (conf/perm/learned.yaml: auto)")
+    parser.add_argument("--grad-precision", default=defaults.grad_precision, choices=["auto", "float32", "bfloat16"],
+                        help="matmuls of the permutation gradient (default: the method's)")
     args = parser.parse_args()
 
     if args.tiny:
@@ -75,9 +76,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq_len} tokens")
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
 
-    init_scale = 0.05  # conf/perm/learned.yaml
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=args.groups, init_scale=init_scale,
-                                  grad_precision=args.grad_precision)
+    method = LearnedPermutation(groups=args.groups, grad_precision=args.grad_precision)  # the rest: the defaults
+    init_scale = method.init_scale
+    learned = method.build(model, MagnitudePruner(), "2:4")
     learned.attach()  # freezes the model
 
     def model_step() -> None:

@@ -48,13 +48,13 @@ def test_every_model_matches_a_dataset_of_its_task():
         (["sparsity.n=5"], "N must not exceed M"),
         (["sparsity.n=0"], "N must be >= 1"),
         (["sparsity.m=0"], "M must be >= 1"),
-        (["model=tiny_vit"], "is a image_classification model but dataset=shakespeare"),
+        (["model=tiny_vit", "dataset=shakespeare"], "is a image_classification model but dataset=shakespeare"),
         (["calibration.samples=0"], "calibration.samples=0 is invalid"),
-        (["perm.groups=-1"], "perm.groups=-1 is invalid"),
+        (["perm.method.groups=-1"], "perm.method.groups=-1 is invalid"),
         (["learning.max_steps=0"], "trains nothing"),
-        (["perm.mode=medium"], "perm.mode='medium' is invalid; choose hard or soft"),
-        (["perm.grad_precision=fp8"], "perm.grad_precision='fp8' is invalid; choose auto, float32 or bfloat16"),
-        (["perm.tau_end=0"], "temperatures must be > 0"),
+        (["perm.method.mode=medium"], "perm.method.mode='medium' is invalid; choose hard or soft"),
+        (["perm.method.grad_precision=fp8"], "perm.method.grad_precision='fp8' is invalid; choose auto, float32 or bfloat16"),
+        (["perm.method.tau_end=0"], "temperatures must be > 0"),
         (["calibration.sequential=true"], "not supported with perm=learned"),
         (["resume=/nonexistent/run"], "resume=/nonexistent/run is not a folder"),
     ],
@@ -86,3 +86,35 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
         cfg = compose_cfg([*overrides, f"dataset.datamodule.root={tmp_path}"], tmp_path)
     assert cfg.experiment_name == experiment
     validate_config(cfg)
+
+
+def test_learned_yaml_and_class_hold_the_same_knobs_and_defaults():
+    """The learned method's defaults live in LearnedPermutation; conf/perm/learned.yaml lists every field with the
+    same value, so neither can drift (adding a knob: a field there, a key here)."""
+    import dataclasses
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from permsparse.permutation.learned import LearnedPermutation
+
+    node = OmegaConf.load(CONF / "perm" / "learned.yaml").method
+    fields = {f.name: f.default for f in dataclasses.fields(LearnedPermutation)}
+    assert set(node) - {"_target_"} == set(fields)
+    interpolated = {k for k in node if OmegaConf.is_interpolation(node, k)}
+    assert interpolated == {"foldable", "seed"}  # perm.foldable and the run's seed
+    for key, default in fields.items():
+        if key not in interpolated:
+            assert node[key] == default, f"perm.method.{key}: yaml {node[key]!r} != class default {default!r}"
+    built = instantiate(compose_cfg([], Path("/tmp/x")).perm.method)
+    assert built == LearnedPermutation()
+
+
+@pytest.mark.parametrize("perm", _options("perm"))
+def test_every_permutation_method_is_built_by_its_target(perm):
+    from permsparse.permutation.base import PermutationMethod
+    from permsparse.permutation.learned import LearnedPermutation
+    from permsparse.run import build_permutation
+
+    method = build_permutation(compose_cfg([f"perm={perm}"], Path("/tmp/x")))
+    assert isinstance(method, LearnedPermutation if perm == "learned" else PermutationMethod)

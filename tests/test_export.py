@@ -18,7 +18,6 @@ from permsparse.export import (
     ExportVerificationError,
     PermutedLinear,
     export_model,
-    export_run,
     find_gathers,
     fold_model,
     load_exported,
@@ -32,6 +31,7 @@ from permsparse.models.tiny import tiny_llama, tiny_mistral, tiny_qwen2, tiny_vi
 from permsparse.permutation.foldable import is_foldable
 from permsparse.permutation.heads import kv_head_perms, restrict_to_heads
 from permsparse.prune import prune_model
+from permsparse.runs import export_run
 from permsparse.sparsity.nm import check_nm
 from permsparse.sparsity.pruners import MagnitudePruner
 from permsparse.utils.io import read_json

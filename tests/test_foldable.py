@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_LM, TINY_VIT, compose_cfg
 
 from permsparse.config import ConfigError, validate_config
-from permsparse.export import export_model, export_run, load_exported, plan_fold
+from permsparse.export import export_model, load_exported, plan_fold
 from permsparse.models import get_spec
 from permsparse.models.binding import ResidualStream, ValueRows
 from permsparse.models.tiny import tiny_llama, tiny_vit
@@ -24,10 +24,11 @@ from permsparse.permutation.foldable import (
     restrict_if_foldable,
 )
 from permsparse.permutation.heads import kv_head_perms
-from permsparse.permutation.learned import LearnedPermutations
+from permsparse.permutation.learned import LearnedPermutation, LearnedPermutations
 from permsparse.permutation.ria_cp import RIAChannelPermutation
 from permsparse.prune import check_model_divisible, group_scores, prune_model
 from permsparse.run import train
+from permsparse.runs import export_run
 from permsparse.sparsity.nm import NMPattern, nm_kept_score
 from permsparse.sparsity.pruners import MagnitudePruner
 from permsparse.utils.io import read_json
@@ -47,7 +48,7 @@ def crossing_groups(model, perms) -> list[str]:
 
 def train_learned(model, foldable: bool, steps: int = 5, lr: float = 0.5):
     """A few large steps on a fixed random batch, so that the permutations move away from the identity."""
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=2, foldable=foldable).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, foldable=foldable, init_scale=1.0)).attach()
     opt = torch.optim.Adam(learned.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
     if hasattr(model, "config"):
@@ -189,8 +190,7 @@ def test_learned_foldable_restricts_a_cross_head_init():
     sizes = {g.name: model.get_submodule(g.linears[0]).in_features for g in get_spec(model).groups(model)}
     init = {name: torch.randperm(d_in, generator=gen) if name.endswith(".o") else torch.arange(d_in)
             for name, d_in in sizes.items()}
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=2, init=init, init_scale=1.0, noise=0.0,
-                                  foldable=True)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=init, init_scale=1.0, noise=0.0, foldable=True))
     hard = learned.hard_permutations()
     for group in get_spec(model).groups(model):
         if isinstance(group.producer, ValueRows):
@@ -207,7 +207,7 @@ def test_head_dim_not_divisible_by_m_is_a_config_error_naming_perm_foldable():
     with pytest.raises(ConfigError, match=r"perm\.foldable=true needs head_dim divisible by M.*head_dim=6"):
         check_model_divisible(model, groups, NMPattern(2, 4), foldable=True)
     with pytest.raises(ConfigError, match=r"perm\.foldable"):
-        LearnedPermutations(model, MagnitudePruner(), "2:4", groups=1, foldable=True)
+        LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=1, foldable=True, init_scale=1.0))
     o = next(g for g in groups if g.kind == "o")
     scores = group_scores(model, o, MagnitudePruner(), None)
     with pytest.raises(ConfigError, match=r"perm\.foldable"):

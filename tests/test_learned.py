@@ -8,7 +8,7 @@ import torch
 
 from permsparse.lit import CausalLMModule, PermutationLearning
 from permsparse.models.tiny import tiny_llama
-from permsparse.permutation.learned import LearnedPermutations
+from permsparse.permutation.learned import LearnedPermutation, LearnedPermutations
 from permsparse.sparsity.pruners import MagnitudePruner
 
 
@@ -22,7 +22,7 @@ def test_only_the_costs_receive_gradients_and_dense_mode_is_the_teacher():
     ids = _data(2)
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, init_scale=1.0)).attach()
     loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
@@ -43,7 +43,7 @@ def test_learning_lowers_the_loss_on_a_tiny_model():
     model = tiny_llama(seed=0)
     data = _data(8)
     module = CausalLMModule(model, optimizer=functools.partial(torch.optim.AdamW, lr=0.05), alpha=1e-5)
-    callback = PermutationLearning(MagnitudePruner(), "2:4", groups=2, init_scale=0.05, tau_start=1.0, tau_end=0.1)
+    callback = PermutationLearning(LearnedPermutation(groups=2, init_scale=0.05, tau_start=1.0, tau_end=0.1, warm_iters=None), MagnitudePruner(), "2:4")
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     trainer = pl.Trainer(max_steps=30, callbacks=[callback], accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -60,7 +60,7 @@ def test_learning_lowers_the_loss_on_a_tiny_model():
 def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
     model = tiny_llama(seed=0)
     module = CausalLMModule(model, alpha=0.0, max_nonfinite=3)
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=2).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init_scale=1.0)).attach()
     module.permutations = learned
     module.log = lambda *a, **k: None  # outside a Trainer
     module.task_loss = lambda output, batch: torch.tensor(float("nan"))
@@ -94,7 +94,7 @@ def test_cost_gradients_equal_the_plain_straight_through_formula(grad_precision)
     def loss_of(logits):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
 
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4, grad_precision=grad_precision).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, grad_precision=grad_precision, init_scale=1.0)).attach()
     assert learned.grad_dtype == getattr(torch, grad_precision)
     with torch.no_grad():  # away from the identity, so permutations and masks are not trivial
         for index, cost in enumerate(learned.costs.values()):
@@ -135,8 +135,8 @@ def test_grad_precision_is_checked_and_auto_resolves_on_attach():
     )
 
     with pytest.raises(ValueError, match="grad_precision='fp8' is invalid"):
-        LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", grad_precision="fp8")
-    learned = LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", groups=4)
+        LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", method=LearnedPermutation(grad_precision="fp8", init_scale=1.0))
+    learned = LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, init_scale=1.0))
     assert learned.grad_dtype is None  # not resolved before attach
     learned.attach()
     assert learned.grad_dtype == (torch.bfloat16 if native_bf16_matmul("cpu") else torch.float32)
@@ -154,7 +154,7 @@ def test_scores_masks_and_workspaces_follow_the_module_to_another_device(monkeyp
     import permsparse.permutation.learned as learned_module
 
     monkeypatch.setattr(learned_module, "native_bf16_matmul", lambda device: torch.device(device).type == "cpu")
-    learned = LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", groups=4).attach()
+    learned = LearnedPermutations(tiny_llama(seed=0), MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, init_scale=1.0)).attach()
     assert learned.grad_dtype == torch.bfloat16
     assert all(masked.workspace is not None for masked, _, _ in learned._masked)
     learned.to("meta")

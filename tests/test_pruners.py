@@ -17,7 +17,6 @@ from permsparse.sparsity import (
     SparseGPTPruner,
     WandaPruner,
     check_nm,
-    make_pruner,
     nm_mask,
 )
 
@@ -79,13 +78,23 @@ def test_class_flags():
     assert SparseGPTPruner.needs_stats and SparseGPTPruner.needs_hessian and SparseGPTPruner.updates_weights
 
 
-def test_make_pruner():
-    assert isinstance(make_pruner("magnitude"), MagnitudePruner)
-    assert isinstance(make_pruner("Wanda"), WandaPruner)
-    assert make_pruner("ria", a=0.25).a == 0.25
-    assert make_pruner("sparsegpt", blocksize=64).blocksize == 64
-    with pytest.raises(ValueError, match="unknown pruner"):
-        make_pruner("obc")
+def test_pruner_configs_build_their_pruner():
+    """conf/pruner/ is the one registry of pruners: each option builds its class, with overrides."""
+    from pathlib import Path
+
+    from conftest import compose_cfg
+    from hydra.errors import MissingConfigException
+    from hydra.utils import instantiate
+
+    def build(*overrides):
+        return instantiate(compose_cfg(list(overrides), Path("/tmp/x")).pruner.method)
+
+    assert isinstance(build("pruner=magnitude"), MagnitudePruner)
+    assert isinstance(build("pruner=wanda"), WandaPruner)
+    assert build("pruner=ria", "pruner.method.a=0.25").a == 0.25
+    assert build("pruner=sparsegpt", "pruner.method.blocksize=64").blocksize == 64
+    with pytest.raises(MissingConfigException, match="obc"):
+        build("pruner=obc")
 
 
 @pytest.mark.parametrize("pruner", [WandaPruner(), RIAPruner(), SparseGPTPruner()])

@@ -18,7 +18,6 @@ from permsparse.config import ConfigError, validate_config
 from permsparse.export import (
     SIDECAR,
     export_model,
-    export_run,
     find_gathers,
     fold_residual_permutation,
     load_exported,
@@ -34,6 +33,7 @@ from permsparse.permutation.foldable import HeadRestricted
 from permsparse.permutation.residual import SharedResidual, find_shared_residual, shared_residual_if
 from permsparse.permutation.ria_cp import RIAChannelPermutation
 from permsparse.prune import group_scores, prune_model, prune_model_sequential
+from permsparse.runs import export_run
 from permsparse.sparsity.pruners import MagnitudePruner
 from permsparse.utils.io import read_json
 

@@ -18,7 +18,7 @@ from permsparse.run import train
 
 # 8 steps, validation every 2, checkpoints every 3; Gumbel noise so the callback's generator state matters.
 LEARNED = [*TINY_LM, "perm=learned", "learning.train_samples=16", "learning.val_every_n_steps=2",
-           "learning.checkpoint_every_n_steps=3", "perm.gumbel_scale=0.5"]
+           "learning.checkpoint_every_n_steps=3", "perm.method.gumbel_scale=0.5"]
 
 
 def _ctrl_c_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:

@@ -75,7 +75,7 @@ def test_wandb_offline_run_folder_holds_the_summary_metrics(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_cfg([*TINY_LM, "perm=greedy", "logger=wandb", "eval.identity_baseline=false"], tmp_path)
     results = train(cfg)
-    from permsparse.eval.wandb_offline import iter_records, read_offline_summary
+    from helpers.wandb_offline import iter_records, read_offline_summary
 
     run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1, "no offline W&B run folder was written"

@@ -165,11 +165,11 @@ def test_hungarian_shortcut_agrees_with_scipy_on_near_permutation_matrices():
 
 def test_incremental_mask_update_equals_full_recompute():
     from permsparse.models.tiny import tiny_llama
-    from permsparse.permutation.learned import LearnedPermutations
+    from permsparse.permutation.learned import LearnedPermutation, LearnedPermutations
     from permsparse.sparsity.pruners import MagnitudePruner
 
     model = tiny_llama(seed=0)
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", groups=4).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, init_scale=1.0)).attach()
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         perms = {}

@@ -7,6 +7,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from permsparse.errors import ConfigError
+from permsparse.permutation.foldable import FOLDABLE_KEY
+from permsparse.permutation.learned import LearnedPermutation
+from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["ConfigError", "validate_config"]
@@ -31,7 +34,12 @@ def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first invalid value; cheap, loads nothing heavy."""
+    """Raise :class:`ConfigError` for the first invalid value; cheap, loads nothing heavy.
+
+    Checks here span several keys or belong to the run itself (budgets, batch sizes, folders). The keys of a
+    permutation method are checked by its class when ``perm.method`` is built (also here, so that every error
+    comes before anything loads); the choices come from the modules that define them.
+    """
     n, m = _require(cfg, "sparsity.n"), _require(cfg, "sparsity.m")
     try:
         NMPattern(n, m)  # type: ignore[arg-type]
@@ -50,45 +58,34 @@ def validate_config(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.batch_size")
     foldable = cfg.perm.get("foldable", False)
     if not isinstance(foldable, bool):
-        raise ConfigError(f"perm.foldable={foldable!r} is invalid: it must be true or false (true restricts the "
+        raise ConfigError(f"{FOLDABLE_KEY}={foldable!r} is invalid: it must be true or false (true restricts the "
                           "o_proj / attn.proj permutations to within-head ones that export always folds)")
     residual = cfg.perm.get("residual", "per_layer")
-    if residual not in ("per_layer", "shared"):
-        raise ConfigError(f"perm.residual={residual!r} is invalid; choose per_layer (one permutation per residual-"
+    if residual not in RESIDUAL_CHOICES:
+        raise ConfigError(f"{RESIDUAL_KEY}={residual!r} is invalid; choose per_layer (one permutation per residual-"
                           "reading group, gathered at export) or shared (one residual-stream permutation for all "
                           "of them, folded at export)")
-    if residual == "shared" and cfg.perm.get("learned"):
-        raise ConfigError("perm.residual=shared is not supported with perm=learned (the learned method keeps one "
+    learned = isinstance(_build_method(cfg), LearnedPermutation)
+    if residual == "shared" and learned:
+        raise ConfigError(f"{RESIDUAL_KEY}=shared is not supported with perm=learned (the learned method keeps one "
                           "permutation per group); use a heuristic (perm=greedy or perm=ria) or perm.residual=per_layer")
     if residual == "shared" and cfg.calibration.get("sequential"):
-        raise ConfigError("perm.residual=shared needs calibration.sequential=false: the shared residual-stream "
+        raise ConfigError(f"{RESIDUAL_KEY}=shared needs calibration.sequential=false: the shared residual-stream "
                           "permutation is chosen once from the dense model's scores of every residual-reading group")
-    if cfg.perm.get("learned"):
-        _positive_int(cfg, "perm.groups")
+    if learned:
         _positive_int(cfg, "learning.train_samples")
         _positive_int(cfg, "learning.val_samples")
         _positive_int(cfg, "learning.batch_size")
-        _positive_int(cfg, "perm.sinkhorn_iters")
         epochs, steps = _require(cfg, "learning.max_epochs"), _require(cfg, "learning.max_steps")
         if steps == 0 or (epochs is not None and epochs < 1 and steps in (-1, None)):
             raise ConfigError(
                 f"perm=learned with learning.max_epochs={epochs} and learning.max_steps={steps} trains nothing; "
                 "set learning.max_epochs >= 1 or learning.max_steps >= 1"
             )
-        if cfg.perm.mode not in {"hard", "soft"}:
-            raise ConfigError(f"perm.mode={cfg.perm.mode!r} is invalid; choose hard or soft")
-        grad_precision = cfg.perm.get("grad_precision", "auto")
-        if grad_precision not in {"auto", "float32", "bfloat16"}:
-            raise ConfigError(f"perm.grad_precision={grad_precision!r} is invalid; choose auto, float32 or bfloat16")
-        if cfg.perm.init not in {"identity", "ria"}:
-            raise ConfigError(f"perm.init={cfg.perm.init!r} is invalid; choose identity or ria")
-        for key in ("tau_start", "tau_end"):
-            if not float(cfg.perm[key]) > 0:
-                raise ConfigError(f"perm.{key}={cfg.perm[key]} is invalid: temperatures must be > 0")
         if cfg.calibration.sequential:
             raise ConfigError(
                 "calibration.sequential=true is not supported with perm=learned: the learned method collects "
-                "its statistics once on the dense model (METHOD.md section 2); use calibration.sequential=false"
+                "its statistics once on the dense model (docs/method.md §2); use calibration.sequential=false"
             )
         every = cfg.learning.get("checkpoint_every_n_steps")
         if every is not None:
@@ -97,6 +94,21 @@ def validate_config(cfg: DictConfig) -> None:
     if resume and not Path(str(resume)).is_dir():
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
     _check_image_folder(cfg)
+
+
+def _build_method(cfg: DictConfig) -> object:
+    """``perm.method`` built (cheap: settings only); its class raises :class:`ConfigError` for a bad value."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    node = _require(cfg, "perm.method")
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"perm.method could not be built: {cause or err}") from None
 
 
 def _check_image_folder(cfg: DictConfig) -> None:

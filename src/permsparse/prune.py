@@ -1,7 +1,7 @@
 """Prune a whole model: one pruner, one permutation method, every bound group of a binding spec.
 
 The model keeps its original channel order: each linear gets ``W * M'[:, argsort(p)]`` where ``M'`` is
-the N:M mask of the permuted scores (METHOD.md section 3). The permutations are returned so that
+the N:M mask of the permuted scores (docs/method.md §3). The permutations are returned so that
 export can fold them into the weights later.
 """
 
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from permsparse.errors import ConfigError
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.base import Identity, PermutationMethod, WrappedMethod, is_permutation
 from permsparse.permutation.efficacy import efficacy_of, kept_ratio_of, kept_scores
@@ -71,10 +72,11 @@ class PruneReport:
 
 def check_model_divisible(model: nn.Module, groups: Iterable[BindingGroup], pattern: NMPattern,
                           channel_groups: int = 1, foldable: bool = False) -> None:
-    """Raise ``ValueError`` naming the first layer whose ``d_in`` is not divisible by M (and the group count).
+    """Raise :class:`~permsparse.errors.ConfigError` naming the first layer whose ``d_in`` is not divisible by M
+    (and the group count).
 
     ``foldable`` (``perm.foldable``): attention-output groups are split by heads instead of ``channel_groups``,
-    so they need ``head_dim`` divisible by M instead (a :class:`~permsparse.config.ConfigError` naming the key).
+    so they need ``head_dim`` divisible by M instead.
     """
     groups = list(groups)
     if foldable:
@@ -85,11 +87,14 @@ def check_model_divisible(model: nn.Module, groups: Iterable[BindingGroup], patt
         by_heads = foldable and is_head_restricted(group)
         for name in group.linears:
             weight = model.get_submodule(name).weight
-            check_nm_shape(weight.shape, pattern, name)
+            try:
+                check_nm_shape(weight.shape, pattern, name)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
             if not by_heads and weight.shape[1] % (channel_groups * pattern.m):
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: d_in={weight.shape[1]} is not divisible by groups x M = {channel_groups} x {pattern.m}; "
-                    f"choose perm.groups dividing {weight.shape[1] // pattern.m}"
+                    f"choose perm.method.groups dividing {weight.shape[1] // pattern.m}"
                 )
 
 

@@ -14,8 +14,8 @@ import os
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from permsparse.config import validate_config
+from permsparse.errors import ConfigError
+from permsparse.export import save_pruned_state
 from permsparse.models.binding import get_spec
-from permsparse.permutation.base import block_to_global
-from permsparse.prune import (
-    PruneReport,
-    check_model_divisible,
-    group_scores,
-    prune_model,
-    prune_model_sequential,
-)
+from permsparse.permutation.base import PermutationMethod
+from permsparse.permutation.foldable import restrict_if_foldable
+from permsparse.permutation.learned import LearnedPermutation
+from permsparse.permutation.residual import shared_residual_if
+from permsparse.prune import PruneReport, check_model_divisible, prune_model, prune_model_sequential
+from permsparse.runs import PERMS, PRUNED, RESULTS, RunRecord
 from permsparse.sparsity.calibration import collect_stats
 from permsparse.sparsity.nm import NMPattern
-from permsparse.utils.io import atomic_torch_save, atomic_write_json
+from permsparse.utils.io import atomic_torch_save
 
-__all__ = ["train", "learn_permutations", "package_versions"]
+__all__ = ["train", "learn_permutations", "build_permutation", "package_versions"]
 
 log = logging.getLogger("permsparse")
 
@@ -97,54 +98,27 @@ def _prune(cfg: DictConfig, model: nn.Module, pruner: Any, pattern: NMPattern,
     return prune_model(model, pruner, pattern, permutation, stats, progress=cfg.progress)
 
 
-def _ria_block_init(model: nn.Module, pruner: Any, stats: Mapping | None, pattern: NMPattern,
-                    groups: int) -> dict[str, Tensor]:
-    """Start the learned costs from the RIA heuristic, run inside each channel group (so it is block-diagonal)."""
-    from permsparse.permutation.ria_cp import RIAChannelPermutation
-
-    method = RIAChannelPermutation()
-    out = {}
-    for group in get_spec(model).groups(model):
-        scores = group_scores(model, group, pruner, stats)
-        size = scores.shape[1] // groups
-        local = torch.stack([method.find(scores[:, k * size:(k + 1) * size], pattern, name=group.name)
-                             for k in range(groups)])
-        out[group.name] = block_to_global(local)
-    return out
-
-
-def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, pruner: Any, pattern: NMPattern,
-                       stats: Mapping | None, out_dir: Path, logger: Any = None,
+def learn_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Module, datamodule: Any,
+                       pruner: Any, pattern: NMPattern, stats: Mapping | None, out_dir: Path, logger: Any = None,
                        ckpt_path: Path | None = None,
                        calibrate: Callable[[int, int], Mapping] | None = None) -> tuple[dict[str, Tensor], dict, Any]:
     """Train the permutation costs with Lightning; return the best hardened permutations, a summary and the
     calibration statistics used (``calibrate(rank, world_size)``: collected inside ``fit``, sharded across ranks,
     when ``stats`` is ``None``).
 
-    ``ckpt_path``: a checkpoint to resume from, as checked by :func:`_resume_checkpoint` (``train`` passes
-    the one named by ``cfg.resume``).
+    ``method`` is the built ``perm.method``; the LightningModule comes from ``model.module`` with the optimiser,
+    scheduler and distillation weight of ``perm``; the Trainer from ``trainer`` with the budget of ``learning``.
+    ``ckpt_path``: a checkpoint to resume from, as checked by :func:`_resume_checkpoint`.
     """
-    from permsparse.lit.callbacks import PermutationLearning
+    from permsparse.lit.callbacks import PermutationLearning, quiet_lightning
 
-    perm_cfg = cfg.perm
-    init: Any = perm_cfg.init
-    if init == "ria":
-        init = _ria_block_init(model, pruner, stats, pattern, perm_cfg.groups)
-    elif init != "identity":
-        raise ValueError(f"perm.init={init!r} is not a valid choice; use identity or ria")
     module = instantiate(cfg.model.module)(
-        model=model, optimizer=instantiate(perm_cfg.optimizer), scheduler=instantiate(perm_cfg.scheduler),
-        alpha=perm_cfg.alpha,
+        model=model, optimizer=instantiate(cfg.perm.optimizer), scheduler=instantiate(cfg.perm.scheduler),
+        alpha=cfg.perm.alpha,
     )
-    callback = PermutationLearning(
-        pruner, pattern, stats, groups=perm_cfg.groups, tau_start=perm_cfg.tau_start, tau_end=perm_cfg.tau_end,
-        tau_schedule=perm_cfg.tau_schedule, sinkhorn_iters=perm_cfg.sinkhorn_iters,
-        warm_iters=perm_cfg.get("warm_iters"), mode=perm_cfg.mode,
-        gumbel_scale=perm_cfg.gumbel_scale, init=init, init_scale=perm_cfg.init_scale, noise=perm_cfg.noise,
-        normalize=perm_cfg.normalize, seed=cfg.seed, foldable=bool(perm_cfg.get("foldable", False)),
-        grad_precision=perm_cfg.get("grad_precision", "auto"), calibrate=calibrate,
-        checkpoint_dir=out_dir / "checkpoints", checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"),
-    )
+    callback = PermutationLearning(method, pruner, pattern, stats, calibrate=calibrate,
+                                   checkpoint_dir=out_dir / "checkpoints",
+                                   checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"))
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
         "max_steps": cfg.learning.max_steps,
@@ -157,16 +131,14 @@ def learn_permutations(cfg: DictConfig, model: nn.Module, datamodule: Any, prune
     if cfg.learning.val_every_n_steps:
         trainer_kwargs["val_check_interval"] = int(cfg.learning.val_every_n_steps)
         trainer_kwargs["check_val_every_n_epoch"] = None
-    trainer = instantiate(cfg.trainer, **trainer_kwargs)
-    seq_len = cfg.learning.get("seq_len")
-    train_loader = datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len)
-    val_loader = datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len)
-    if ckpt_path is None:
-        # Score the starting permutation too, so the kept (best-by-validation) one is never worse than it.
-        trainer.validate(module, val_loader, verbose=False)
-    with warnings.catch_warnings():
-        # Lightning cannot see that the ResumableSampler makes mid-epoch resumption exact.
-        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    with quiet_lightning():
+        trainer = instantiate(cfg.trainer, **trainer_kwargs)
+        seq_len = cfg.learning.get("seq_len")
+        train_loader = datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len)
+        val_loader = datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len)
+        if ckpt_path is None:
+            # Score the starting permutation too, so the kept (best-by-validation) one is never worse than it.
+            trainer.validate(module, val_loader, verbose=False)
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                     ckpt_path=str(ckpt_path) if ckpt_path else None)
     perms = callback.final_perms
@@ -190,8 +162,6 @@ def _global_rank() -> int:
 
 def _resume_checkpoint(cfg: DictConfig) -> Path | None:
     """The checkpoint to resume from, checked readable before any model is loaded."""
-    from permsparse.config import ConfigError
-
     if not cfg.get("resume"):
         return None
     path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
@@ -208,8 +178,6 @@ def _resume_checkpoint(cfg: DictConfig) -> Path | None:
 
 def _check_context(cfg: DictConfig, model: nn.Module) -> None:
     """Windows longer than the model's context would fail deep inside attention (or silently extrapolate)."""
-    from permsparse.config import ConfigError
-
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not context:
         return
@@ -238,132 +206,162 @@ def _print_table(results: dict) -> None:
     print("\n".join(lines) + "\n", flush=True)
 
 
-def _evaluate_baselines(cfg: DictConfig, model: nn.Module, datamodule: Any, pruner: Any, pattern: NMPattern,
-                        stats: Mapping | None, metrics: dict, timer: _Timer) -> None:
+def build_permutation(cfg: DictConfig) -> PermutationMethod | LearnedPermutation:
+    """``perm.method`` built by its ``_target_``; a heuristic is wrapped for ``perm.foldable=true`` (within-head
+    attention-output permutations) and ``perm.residual=shared`` (one residual-stream permutation)."""
+    method = instantiate(cfg.perm.method)
+    if isinstance(method, LearnedPermutation):
+        return method  # perm.foldable reaches it through the yaml (method.foldable: ${..foldable})
+    if not isinstance(method, PermutationMethod):
+        raise ConfigError(f"perm.method._target_={cfg.perm.method._target_} builds a {type(method).__name__}, "
+                          "neither a PermutationMethod nor a LearnedPermutation")
+    method = restrict_if_foldable(method, bool(cfg.perm.get("foldable", False)))
+    return shared_residual_if(method, str(cfg.perm.get("residual", "per_layer")))
+
+
+@dataclass
+class _Setup:
+    """What the load phase builds once and every later phase uses."""
+
+    model: nn.Module
+    datamodule: Any
+    pruner: Any
+    pattern: NMPattern
+    linears: list[str]
+
+
+def _load(cfg: DictConfig, method: Any, pattern: NMPattern) -> _Setup:
+    model, tokenizer = _load_model(cfg)
+    _check_context(cfg, model)
+    groups = get_spec(model).groups(model)
+    learned = isinstance(method, LearnedPermutation)
+    check_model_divisible(model, groups, pattern, method.groups if learned else 1,
+                          foldable=bool(cfg.perm.get("foldable", False)))
+    dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
+    datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
+    pruner = instantiate(cfg.pruner.method)
+    return _Setup(model, datamodule, pruner, pattern, [n for g in groups for n in g.linears])
+
+
+def _calibrator(cfg: DictConfig, setup: _Setup) -> Callable[..., dict]:
+    def calibrate(rank: int = 0, world_size: int = 1) -> dict:
+        """Statistics of this rank's share (every ``world_size``-th batch) of the calibration data."""
+        batches = setup.datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size)
+        return collect_stats(setup.model, setup.linears, batches[rank::world_size],
+                             hessian=setup.pruner.needs_hessian, forward=setup.datamodule.forward,
+                             progress=cfg.progress and rank == 0)
+
+    return calibrate
+
+
+def _evaluate_baselines(cfg: DictConfig, setup: _Setup, stats: Mapping | None, timer: _Timer) -> dict:
     """The dense model and, unless switched off, the same pruner without a permutation (the identity row)."""
+    model, datamodule = setup.model, setup.datamodule
+    metrics = {}
     with timer("eval_dense"):
         metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
     if cfg.eval.identity_baseline and cfg.perm.name != "none":
         dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         with timer("prune_identity"):
-            _prune(cfg, model, pruner, pattern, None, stats, datamodule)
+            _prune(cfg, model, setup.pruner, setup.pattern, None, stats, datamodule)
         with timer("eval_identity"):
             metrics["identity"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
         model.load_state_dict(dense_state)
+    return metrics
+
+
+def _record(cfg: DictConfig, setup: _Setup, report: PruneReport, metrics: dict, learning: dict | None,
+            timer: _Timer, sharded: bool, pruned_file: str | None) -> RunRecord:
+    return RunRecord(
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        model=cfg.model.name, dataset=cfg.dataset.name, pattern=str(setup.pattern), pruner=cfg.pruner.name,
+        perm=cfg.perm.name, seed=int(cfg.seed), protocol=setup.datamodule.describe(), versions=package_versions(),
+        command=" ".join(sys.argv), metrics=metrics,
+        efficacy={"mean": report.mean_efficacy, "per_group": {g.name: g.efficacy for g in report.groups}},
+        kept_ratio={"mean": report.mean_kept_ratio, "per_group": {g.name: g.kept_ratio for g in report.groups}},
+        perm_seconds={g.name: g.seconds for g in report.groups}, learning=learning, timings=timer.seconds,
+        calibration={"samples": int(cfg.calibration.samples), "sharded_across_ranks": sharded},
+        permutations_file=PERMS, pruned_file=pruned_file,
+    )
+
+
+def _log_results(logger: Any, metrics: dict, report: PruneReport) -> None:
+    if logger is None:
+        return
+    flat = {}
+    for phase, vals in metrics.items():
+        flat.update(_metrics_row(phase, vals))
+    flat["perm/mean_efficacy"] = report.mean_efficacy
+    flat["perm/mean_kept_ratio"] = report.mean_kept_ratio
+    logger.log_metrics(flat)
+    logger.save()
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
+        logger.experiment.summary.update(flat)
+        logger.experiment.finish()
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one experiment end to end and return the result dictionary written to ``results.json``."""
+    """Run one experiment end to end and return the result dictionary written to ``results.json``.
+
+    Phases: check the config and build the permutation method; load model, data and pruner; calibrate;
+    choose the permutations (learn them, or keep the heuristic to run per group while pruning); evaluate the
+    dense and identity baselines; prune with the permutations and evaluate; write the run folder
+    (:mod:`permsparse.runs`). Under DDP every rank runs the flow up to the permutations; rank 0 does the rest.
+    """
     import pytorch_lightning as pl
 
-    from permsparse.config import validate_config
-
     validate_config(cfg)
+    method = build_permutation(cfg)
+    learned = isinstance(method, LearnedPermutation)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
-    learned = bool(cfg.perm.learned)
-
     ckpt_path = _resume_checkpoint(cfg)  # a missing or corrupt checkpoint fails before any model is loaded
     with timer("load"):
-        model, tokenizer = _load_model(cfg)
-        _check_context(cfg, model)
-        spec = get_spec(model)
-        groups = spec.groups(model)
-        check_model_divisible(model, groups, pattern, int(cfg.perm.groups) if learned else 1,
-                              foldable=bool(cfg.perm.get("foldable", False)))
-        dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
-        datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
-        pruner = instantiate(cfg.pruner.method)
+        setup = _load(cfg, method, pattern)
     logger = _build_logger(cfg)
+    calibrate = _calibrator(cfg, setup)
 
-    names = [n for g in groups for n in g.linears]
-
-    def calibrate(rank: int = 0, world_size: int = 1) -> dict:
-        """Statistics of this rank's share (every ``world_size``-th batch) of the calibration data."""
-        batches = datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size)
-        return collect_stats(model, names, batches[rank::world_size], hessian=pruner.needs_hessian,
-                             forward=datamodule.forward, progress=cfg.progress and rank == 0)
-
+    pruner = setup.pruner
     needs_stats = (pruner.needs_stats or pruner.needs_hessian) and not cfg.calibration.sequential
     # Under DDP/FSDP the process group only exists inside fit: each rank calibrates its share there and the
-    # statistics are summed across ranks (the RIA-initialised costs need them before fit, so not sharded).
-    sharded = learned and needs_stats and _distributed(cfg) and cfg.perm.init != "ria"
+    # statistics are summed across ranks.
+    sharded = learned and needs_stats and _distributed(cfg)
     stats = None
     if needs_stats and not sharded:
         with timer("calibrate"):
             stats = calibrate()
 
-    metrics: dict[str, dict[str, float]] = {}
-    rank0 = _global_rank() == 0
-    if rank0 and not sharded:
-        _evaluate_baselines(cfg, model, datamodule, pruner, pattern, stats, metrics, timer)
-
     learn_summary = None
+    permutation: Any = method
     if learned:
         with timer("learn_permutations"):
             permutation, learn_summary, stats = learn_permutations(
-                cfg, model, datamodule, pruner, pattern, stats, out_dir, logger, ckpt_path,
+                cfg, method, setup.model, setup.datamodule, pruner, pattern, stats, out_dir, logger, ckpt_path,
                 calibrate=calibrate if sharded else None,
             )
-    else:
-        from permsparse.permutation.foldable import restrict_if_foldable
-        from permsparse.permutation.residual import shared_residual_if
-
-        permutation = restrict_if_foldable(instantiate(cfg.perm.method), bool(cfg.perm.get("foldable", False)))
-        permutation = shared_residual_if(permutation, str(cfg.perm.get("residual", "per_layer")))
-    if not rank0:
+    if _global_rank() != 0:
         # Under DDP every rank runs this flow; only rank 0 evaluates and writes the results.
         return {"perms": permutation, "rank": _global_rank()}
-    if sharded:
-        _evaluate_baselines(cfg, model, datamodule, pruner, pattern, stats, metrics, timer)
-    with timer("prune"):
-        report = _prune(cfg, model, pruner, pattern, permutation, stats, datamodule)
-    with timer("eval_pruned"):
-        metrics["pruned"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
 
-    atomic_torch_save(report.perms, out_dir / "perms.pt")
+    metrics = _evaluate_baselines(cfg, setup, stats, timer)
+    with timer("prune"):
+        report = _prune(cfg, setup.model, pruner, pattern, permutation, stats, setup.datamodule)
+    with timer("eval_pruned"):
+        metrics["pruned"] = setup.datamodule.evaluate(setup.model, batch_size=cfg.eval.batch_size,
+                                                      progress=cfg.progress)
+
+    atomic_torch_save(report.perms, out_dir / PERMS)
     pruned_file = None
     if cfg.get("save_pruned", True):
-        from permsparse.export import save_pruned_state
-
-        save_pruned_state(model, out_dir)  # pruned.safetensors, so that `python -m permsparse.export <run>` works
-        pruned_file = "pruned.safetensors"
-    results = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        "pattern": str(pattern),
-        "pruner": cfg.pruner.name,
-        "perm": cfg.perm.name,
-        "seed": int(cfg.seed),
-        "protocol": datamodule.describe(),
-        "versions": package_versions(),
-        "command": " ".join(sys.argv),
-        "metrics": metrics,
-        "efficacy": {"mean": report.mean_efficacy, "per_group": {g.name: g.efficacy for g in report.groups}},
-        "kept_ratio": {"mean": report.mean_kept_ratio, "per_group": {g.name: g.kept_ratio for g in report.groups}},
-        "perm_seconds": {g.name: g.seconds for g in report.groups},
-        "learning": learn_summary,
-        "timings": timer.seconds,
-        "calibration": {"samples": int(cfg.calibration.samples), "sharded_across_ranks": sharded},
-        "permutations_file": "perms.pt",
-        "pruned_file": pruned_file,
-    }
-    atomic_write_json(out_dir / "results.json", results)
-    if logger is not None:
-        flat = {}
-        for phase, vals in metrics.items():
-            flat.update(_metrics_row(phase, vals))
-        flat["perm/mean_efficacy"] = report.mean_efficacy
-        flat["perm/mean_kept_ratio"] = report.mean_kept_ratio
-        logger.log_metrics(flat)
-        logger.save()
-        if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
-            logger.experiment.summary.update(flat)
-            logger.experiment.finish()
+        save_pruned_state(setup.model, out_dir)  # so that `python -m permsparse.export <run dir>` works
+        pruned_file = PRUNED
+    record = _record(cfg, setup, report, metrics, learn_summary, timer, sharded, pruned_file)
+    record.write(out_dir)
+    _log_results(logger, metrics, report)
+    results = record.to_dict()
     _print_table(results)
-    log.info("results written to %s", out_dir / "results.json")
+    log.info("results written to %s", out_dir / RESULTS)
     return results

@@ -15,6 +15,7 @@ import torch
 
 from permsparse.lit import CausalLMModule, PermutationLearning
 from permsparse.models.tiny import tiny_llama
+from permsparse.permutation.learned import LearnedPermutation
 from permsparse.sparsity.pruners import MagnitudePruner
 
 
@@ -33,8 +34,7 @@ def main() -> None:
     module = CausalLMModule(model, optimizer=functools.partial(torch.optim.SGD, lr=args.lr), alpha=1e-5)
     # float32 permutation gradients: the test compares DDP's averaged gradients with one process's to float32
     # rounding, and a bf16 rounding per rank (grad_precision=auto on a bf16-capable CPU) is coarser than that
-    callback = PermutationLearning(MagnitudePruner(), "2:4", groups=2, init_scale=0.05, tau_end=0.1, warm_iters=3,
-                                   grad_precision="float32")
+    callback = PermutationLearning(LearnedPermutation(groups=2, init_scale=0.05, tau_end=0.1, warm_iters=3, grad_precision="float32"), MagnitudePruner(), "2:4")
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=2, max_steps=args.max_steps,
         callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,

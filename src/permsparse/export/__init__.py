@@ -1,7 +1,7 @@
 """Deployment (docs/method.md §6): fold permutations into weights, runtime gathers, save, verify, 2:4 kernels.
 
 Primary API: ``export_model(model, report.perms, pattern, out_dir)`` on a model pruned by ``prune_model``;
-``load_exported(out_dir)`` rebuilds it; ``export_run(run_dir)`` (``python -m permsparse.export <run dir>``)
+``load_exported(out_dir)`` rebuilds it; :func:`permsparse.runs.export_run` (``python -m permsparse.export <run dir>``)
 exports a finished run folder. ``fold_model`` does the folding in memory; ``to_semi_structured`` turns the
 deployed 2:4 linears into PyTorch's semi-structured sparse tensors on Ampere+ GPUs.
 
@@ -21,8 +21,6 @@ from permsparse.export.export import (
     ExportVerificationError,
     example_inputs,
     export_model,
-    export_run,
-    instantiate_node,
     load_exported,
     load_pruned_state,
     model_outputs,
@@ -57,12 +55,10 @@ __all__ = [
     "check_pruned_nm",
     "example_inputs",
     "export_model",
-    "export_run",
     "find_gathers",
     "fold_residual_permutation",
     "fold_model",
     "insert_gather",
-    "instantiate_node",
     "load_exported",
     "load_pruned_state",
     "model_outputs",

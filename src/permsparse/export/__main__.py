@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from permsparse.export.export import ExportVerificationError, export_run, read_json
+    from permsparse.export.export import ExportVerificationError, read_json
+    from permsparse.runs import export_run
 
     vdtype = None if args.verify_dtype == "model" else getattr(torch, args.verify_dtype)
     try:

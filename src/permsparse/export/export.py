@@ -18,9 +18,9 @@ folder with gathers gives a wrong model.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import os
+import pkgutil
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -47,12 +47,10 @@ __all__ = [
     "EXPORT_FAMILIES",
     "register_export_family",
     "example_inputs",
-    "instantiate_node",
     "model_outputs",
     "verify_outputs",
     "export_model",
     "load_exported",
-    "export_run",
     "save_pruned_state",
     "load_pruned_state",
 ]
@@ -155,7 +153,7 @@ def _timm_save(model: nn.Module, folder: Path, build: dict[str, Any], tokenizer:
 def _timm_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
     from safetensors.torch import load_model
 
-    built = instantiate_node(sidecar["build"])
+    built = _build(sidecar["build"])
     model = built[0] if isinstance(built, tuple) else built
     model = model.to(getattr(torch, sidecar["dtype"]))
     missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
@@ -173,49 +171,15 @@ register_export_family(ExportFamily("timm_vit", "timm_safetensors", _timm_inputs
 # -------------------------------------------------------------------------------------------- build nodes
 
 
-def _locate(target: str) -> Any:
-    parts = target.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"cannot locate {target!r}")
-
-
-def instantiate_node(node: Mapping[str, Any]) -> Any:
-    """Call ``node["_target_"](**kwargs)`` (nested ``_target_`` nodes too): Hydra's ``instantiate`` without Hydra.
-
-    Keys starting with ``_`` are dropped. Enough for the flat loader nodes of ``conf/model/*.yaml``.
-    """
-    def build(value: Any) -> Any:
-        if isinstance(value, Mapping) and "_target_" in value:
-            return instantiate_node(value)
-        if isinstance(value, Mapping):
-            return {k: build(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [build(v) for v in value]
-        return value
-
-    kwargs = {k: build(v) for k, v in node.items() if not k.startswith("_")}
-    return _locate(str(node["_target_"]))(**kwargs)
-
-
-def _architecture_only(node: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a loader node that builds the architecture without fetching weights (``pretrained=False``)."""
-    out = dict(node)
-    try:
-        params = inspect.signature(_locate(str(out["_target_"]))).parameters
-    except (ImportError, ValueError, TypeError):
-        params = {}
-    if "pretrained" in params or "pretrained" in out:
-        out["pretrained"] = False
-    if "checkpoint_path" in out:
-        out["checkpoint_path"] = None
-    return out
+def _build(node: Mapping[str, Any]) -> Any:
+    """Call a flat loader node ``{"_target_": "pkg.fn", **kwargs}`` (what a timm export stores to rebuild its
+    architecture; the same nodes as ``conf/model/*.yaml``'s ``load``)."""
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    nested = [k for k, v in kwargs.items() if isinstance(v, Mapping) and "_target_" in v]
+    if nested:
+        raise ValueError(f"build node {node.get('_target_')!r}: nested _target_ nodes ({nested}) are not supported "
+                         "here; give a loader function that takes plain arguments")
+    return pkgutil.resolve_name(str(node["_target_"]))(**kwargs)
 
 
 def _timm_default_build(model: nn.Module) -> dict[str, Any] | None:
@@ -466,7 +430,7 @@ def load_exported(out_dir: str | os.PathLike, device: str | torch.device | None 
 def save_pruned_state(model: nn.Module, run_dir: str | os.PathLike) -> Path:
     """Write the pruned (original-order, masked) model's state dict to ``<run_dir>/pruned.safetensors``, atomically.
 
-    Called by the run flow after pruning so that :func:`export_run` can export runs of any pruner
+    Called by the run flow after pruning so that :func:`permsparse.runs.export_run` can export runs of any pruner
     (wanda, ria and sparsegpt masks cannot be recomputed without calibration data). Tied weights are stored once.
     """
     from safetensors.torch import save_model
@@ -497,45 +461,3 @@ def load_pruned_state(model: nn.Module, run_dir: str | os.PathLike) -> nn.Module
         raise ValueError(f"{path} does not fit the rebuilt model (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
     return model
-
-
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, require_foldable: bool = False,
-               **kwargs: Any) -> Path:
-    """Export a run folder (``results.json``, ``perms.pt``, ``pruned.safetensors``) to ``out_dir``.
-
-    Rebuilds the model with the run's loader (``config.model.load``), loads the pruned weights, and calls
-    :func:`export_model` (``kwargs`` go there). ``out_dir`` defaults to ``<run_dir>/export``.
-    """
-    run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no results.json: not a permsparse run folder")
-    results = read_json(results_path)
-    cfg = results.get("config") or {}
-    try:
-        load_node, sparsity = cfg["model"]["load"], cfg["sparsity"]
-    except KeyError as e:
-        raise ValueError(f"{results_path}: config lacks {e}; cannot rebuild the model") from e
-    perms_path = run_dir / results.get("permutations_file", "perms.pt")
-    if not perms_path.is_file():
-        raise FileNotFoundError(f"{perms_path} is missing; re-run to export")
-    if not (run_dir / PRUNED_STATE).is_file():
-        raise FileNotFoundError(f"{run_dir / PRUNED_STATE} is missing: the run was made before export support; "
-                                "re-run it to export")
-    perms = torch.load(perms_path, map_location="cpu")
-    build = _architecture_only(load_node)
-    loaded = instantiate_node(build)
-    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-    tok_node = cfg["model"].get("tokenizer")
-    if tok_node:
-        tokenizer = instantiate_node(tok_node)
-    load_pruned_state(model.eval(), run_dir)
-    pattern = NMPattern(int(sparsity["n"]), int(sparsity["m"]))
-    pruner = results.get("pruner") or (cfg.get("pruner") or {}).get("name")
-    extra = {"source_run": {"run_dir": str(run_dir.resolve()), "model": results.get("model"),
-                            "dataset": results.get("dataset"), "perm": results.get("perm"),
-                            "seed": results.get("seed"), "pruner_config": (cfg.get("pruner") or {}).get("method")}}
-    result = export_model(model, perms, pattern, Path(out_dir) if out_dir else run_dir / "export", build=build,
-                          pruner=pruner, tokenizer=tokenizer, require_foldable=require_foldable, inplace=True,
-                          extra={**extra, **kwargs.pop("extra", {})}, **kwargs)
-    return result.path

@@ -7,12 +7,14 @@ keeps the best ones by validation loss; at the end of fitting those best permuta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import signal
 import threading
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,46 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from permsparse.permutation.learned import LearnedPermutations
-from permsparse.permutation.schedule import TemperatureSchedule
+from permsparse.permutation.learned import LearnedPermutation
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.calibration import all_reduce_stats, move_stats
 from permsparse.sparsity.nm import NMPattern
 
-__all__ = ["PermutationLearning", "TrainingInterrupted"]
+__all__ = ["PermutationLearning", "TrainingInterrupted", "quiet_lightning"]
 
 log = logging.getLogger(__name__)
+
+# Lightning messages that say nothing a user of this flow can act on: the frozen model is in eval mode on
+# purpose, the pytree deprecation is inside Lightning, the ResumableSampler makes mid-epoch resumption exact,
+# and the logger tip is an advertisement.
+_NOISE = (r".*module\(s\) in eval mode at the start of training.*", r".*isinstance\(treespec, LeafSpec\).*",
+          r".*your dataloader is not resumable.*")
+_LOG_NOISE = ("litlogger", "`weights_only` was not set")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _LOG_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence the Lightning warnings and log lines listed in ``_NOISE`` / ``_LOG_NOISE`` (and only those)."""
+    # a logger's filters see only its own records, so every Lightning logger gets one
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name.startswith(("pytorch_lightning", "lightning"))]
+    noise = _DropNoise()
+    with warnings.catch_warnings():
+        for pattern in _NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.addFilter(noise)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(noise)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -65,22 +98,11 @@ class PermutationLearning(pl.Callback):
     """Learn one block-diagonal input permutation per binding group of the module's frozen model.
 
     Args:
+        method: the learned method's settings (:class:`~permsparse.permutation.learned.LearnedPermutation`, built
+            from ``conf/perm/learned.yaml``): groups, initialisation, Sinkhorn, temperature, mode, precision, seed.
         pruner: the mask generator whose scores choose the N:M mask of the permuted weight.
         pattern: N:M pattern, e.g. ``"2:4"``.
         stats: calibration statistics per linear (collected once on the dense model).
-        groups: channel groups per layer (G, the paper's default 4).
-        tau_start, tau_end, tau_schedule: temperature annealing (exponential 1.0 -> 0.05 by default).
-        sinkhorn_iters: Sinkhorn iterations per step (the first step when warm-starting).
-        warm_iters: if set, warm-start Sinkhorn from the previous step's potentials with this many iterations.
-        mode: ``"hard"`` (Hungarian + straight-through, default) or ``"soft"`` (the Sinkhorn matrix).
-        gumbel_scale: scale of Gumbel noise on the cost during training (0 = none).
-        init, init_scale, noise, normalize: see :class:`~permsparse.permutation.cost.LearnableCost`.
-        seed: seed of the cost initialisation and the Gumbel noise.
-        foldable: restrict the attention-output groups (o_proj / attn.proj) to within-head permutations tied
-            across the query heads of each kv head, so that export always folds them (``perm.foldable``; see
-            :class:`~permsparse.permutation.learned.LearnedPermutations`).
-        grad_precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: precision of the matmuls of the hard mode's
-            permutation gradient (see :class:`~permsparse.permutation.learned.LearnedPermutations`).
         calibrate: if ``stats`` is ``None``, a function ``(rank, world_size) -> stats`` of this rank's share
             of the calibration data; it runs in :meth:`setup`, where the process group exists, and the
             shares are summed across ranks (``trainer=ddp``: each rank calibrates ``1/world_size`` of the data).
@@ -97,37 +119,21 @@ class PermutationLearning(pl.Callback):
 
     def __init__(
         self,
+        method: LearnedPermutation,
         pruner: Pruner,
         pattern: NMPattern | str = "2:4",
         stats: Mapping[str, LayerStats] | None = None,
-        groups: int = 4,
-        tau_start: float = 1.0,
-        tau_end: float = 0.05,
-        tau_schedule: str = "exponential",
-        sinkhorn_iters: int = 20,
-        warm_iters: int | None = None,
-        mode: str = "hard",
-        gumbel_scale: float = 0.0,
-        init: str | Mapping[str, Tensor] = "identity",
-        init_scale: float = 1.0,
-        noise: float = 0.01,
-        normalize: bool = True,
-        seed: int = 0,
-        foldable: bool = False,
-        grad_precision: str = "auto",
         calibrate: Callable[[int, int], Mapping[str, LayerStats]] | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every_n_steps: int | None = None,
         handle_sigint: bool = True,
     ) -> None:
-        if mode not in {"hard", "soft"}:
-            raise ValueError(f"perm.mode must be 'hard' or 'soft', got {mode!r}")
+        if not isinstance(method, LearnedPermutation):
+            raise TypeError(f"PermutationLearning needs a LearnedPermutation (the built perm.method), got "
+                            f"{type(method).__name__}")
+        self.method = method
         self.pruner, self.pattern, self.stats = pruner, NMPattern.parse(pattern), stats
-        self.groups, self.sinkhorn_iters, self.mode, self.gumbel_scale = groups, sinkhorn_iters, mode, gumbel_scale
-        self.warm_iters = warm_iters
-        self.init, self.init_scale, self.noise, self.normalize, self.seed = init, init_scale, noise, normalize, seed
-        self.foldable, self.grad_precision = foldable, grad_precision
-        self.schedule = TemperatureSchedule(tau_start, tau_end, 1, tau_schedule)
+        self.schedule = method.schedule()
         self.best_loss = math.inf
         self.best_perms: dict[str, Tensor] | None = None
         self.final_perms: dict[str, Tensor] | None = None
@@ -148,14 +154,10 @@ class PermutationLearning(pl.Callback):
             return
         if self.stats is None and self.calibrate is not None:
             self.stats = self._calibrate_sharded(trainer)
-        learned = LearnedPermutations(
-            pl_module.model, self.pruner, self.pattern, self.stats, self.groups, init=self.init,
-            init_scale=self.init_scale, noise=self.noise, normalize=self.normalize, seed=self.seed,
-            foldable=self.foldable, grad_precision=self.grad_precision,
-        )
+        learned = self.method.build(pl_module.model, self.pruner, self.pattern, self.stats)
         pl_module.permutations = learned.to(pl_module.device)
         learned.attach()
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(self.method.seed)
 
     def _calibrate_sharded(self, trainer: pl.Trainer) -> dict[str, LayerStats]:
         """This rank's share of the calibration statistics, summed across ranks (sums and counts add up)."""
@@ -213,7 +215,8 @@ class PermutationLearning(pl.Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         if self.checkpoint_path is not None:
-            trainer.save_checkpoint(self.checkpoint_path)  # written atomically by Lightning's checkpoint IO
+            # the whole state (optimiser, scheduler, this callback), written atomically by Lightning's checkpoint IO
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
 
     def _checkpoint_or_stop(self, trainer: pl.Trainer, stop: bool) -> None:
         self._save(trainer)
@@ -258,9 +261,7 @@ class PermutationLearning(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         tau = self.tau(trainer.global_step)
-        residual = pl_module.permutations.refresh(tau, hard=self.mode == "hard", n_iters=self.sinkhorn_iters,
-                                                  gumbel_scale=self.gumbel_scale, generator=self._generator,
-                                                  warm_iters=self.warm_iters)
+        residual = self.method.refresh(pl_module.permutations, tau, self._generator)
         pl_module.log("perm/tau", tau)
         pl_module.log("perm/sinkhorn_residual", residual)
 

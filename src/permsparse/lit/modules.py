@@ -99,7 +99,7 @@ class PermutationModule(pl.LightningModule):
             if self._nonfinite_in_a_row >= self.max_nonfinite:
                 raise FloatingPointError(
                     f"{self._nonfinite_in_a_row} non-finite losses in a row; training stopped, the best "
-                    "permutation so far is kept. Lower the learning rate or raise perm.tau_end"
+                    "permutation so far is kept. Lower the learning rate or raise perm.method.tau_end"
                 )
             return None  # Lightning skips the optimiser step
         self._nonfinite_in_a_row = 0

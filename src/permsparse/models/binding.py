@@ -18,6 +18,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from permsparse.errors import ConfigError
+
 __all__ = ["BindingGroup", "BindingSpec", "register_spec", "get_spec", "SPECS", "Producer", "ResidualStream",
            "OutputRows", "ValueRows", "Opaque"]
 
@@ -155,7 +157,7 @@ def get_spec(model: nn.Module) -> BindingSpec:
         if spec.matches(model):
             return spec()
     known = ", ".join(s.family for s in SPECS) or "none registered"
-    raise ValueError(
+    raise ConfigError(
         f"no binding spec for model class {type(model).__name__}; known families: {known}. "
         "Add a BindingSpec subclass in permsparse.models and register it with @register_spec"
     )

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from permsparse.errors import ConfigError
+
 __all__ = [
     "SMOLLM2_GGUF",
     "OFFLINE_VIT_DATASETS",
@@ -149,10 +151,12 @@ def load_hf_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except OSError as e:
-        raise OSError(
-            f"could not load causal LM {str(name_or_path)!r}: {e}\nHub models need network access to "
-            "huggingface.co (gated ones also `huggingface-cli login`) or a local folder; offline, use load_smollm2()."
-        ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not load causal LM {str(name_or_path)!r} ({first}): hub models need network access to "
+            "huggingface.co (gated ones also `huggingface-cli login`) or a local folder "
+            "(model.load.name_or_path=/path/to/model); offline, model=smollm2_135m works"
+        ) from None
     return model.eval(), tokenizer
 
 
@@ -179,13 +183,14 @@ def load_timm_vit(
         model = timm.create_model(name, pretrained=pretrained and checkpoint_path is None, **create_kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"timm has no model named {name!r}: {e}") from e
+            raise ConfigError(f"timm has no model named {name!r}: {e}") from None
         raise
     except OSError as e:
-        raise OSError(
-            f"could not fetch pretrained weights for timm model {name!r}: {e}\nThat needs network access to "
-            "huggingface.co; pass checkpoint_path= a local file, or offline use load_offline_vit()."
-        ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not fetch pretrained weights for timm model {name!r} ({first}): that needs network access to "
+            "huggingface.co; point model.load.checkpoint_path=/path/to/weights, or offline use model=vit_fmnist"
+        ) from None
     return model.eval()
 
 

@@ -2,21 +2,25 @@
 
 :class:`LearnedPermutations` attaches one :class:`LearnableCost` to every binding group of a model and a
 weight parametrization to every bound linear, so that the model computes with
-``W_eff = ((W P) * M(P)) P^T`` (METHOD.md section 4.4) where ``P`` is the group's current
+``W_eff = ((W P) * M(P)) P^T`` (docs/method.md §4.4) where ``P`` is the group's current
 (straight-through hard, or soft) permutation and ``M(P)`` the pruner's N:M mask of the permuted
 scores. Switching the masks off (:meth:`LearnedPermutations.dense`) gives the dense teacher without a
-copy of the model. The Lightning callback in :mod:`permsparse.lit` drives it; a notebook can too.
+copy of the model. :class:`LearnedPermutation` holds the method's settings (what ``conf/perm/learned.yaml``
+builds); the Lightning callback in :mod:`permsparse.lit` drives it; a notebook can too.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from permsparse.errors import ConfigError
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.apply import (
     block_permute_scores,
@@ -30,10 +34,15 @@ from permsparse.permutation.cost import LearnableCost, solve_costs
 from permsparse.permutation.foldable import check_foldable, head_layout, is_foldable, is_head_restricted
 from permsparse.permutation.heads import restrict_to_heads
 from permsparse.permutation.hungarian import perm_to_matrix
+from permsparse.permutation.ria_cp import ria_block_diagonal
+from permsparse.permutation.schedule import SCHEDULES, TemperatureSchedule
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm_scores, keep_top_n_planes, nm_mask
 
-__all__ = ["LearnedPermutations", "cost_key"]
+__all__ = ["LearnedPermutation", "LearnedPermutations", "cost_key", "INITS", "MODES"]
+
+INITS = ("identity", "ria")
+MODES = ("hard", "soft")
 
 
 def cost_key(group_name: str) -> str:
@@ -100,6 +109,95 @@ class _MaskedWeight(nn.Module):
                                            workspace=self.workspace)
 
 
+@dataclass
+class LearnedPermutation:
+    """The learned method's settings (``conf/perm/learned.yaml``, key ``perm.method``): the one place of its defaults.
+
+    Built by Hydra from its config group like every other permutation method; the data it needs (model,
+    pruner, calibration statistics) arrive later, in :meth:`build`. Invalid values raise
+    :class:`~permsparse.errors.ConfigError` naming the key. Adding a knob is adding a field here (used in
+    :meth:`build`, :meth:`refresh` or :class:`LearnedPermutations`) and the same key, with the same default,
+    in the yaml (a test checks that the two agree).
+
+    Attributes:
+        groups: channel groups G per layer: each layer's permutation is block-diagonal with G blocks.
+        init: ``"identity"`` (cost ``-I`` plus noise: the first hard permutation is the identity, so step 0 is
+            the pruner without a permutation), ``"ria"`` (RIA channel permutation run inside each block) or, in
+            Python, a mapping ``group name -> (d_in,) permutation``.
+        init_scale: size of the ``-I`` (or ``-P_init``) initial cost before normalisation.
+        noise: std of the initial Gaussian noise, relative to ``init_scale`` (breaks ties).
+        normalize: standardise each ``g x g`` cost block before Sinkhorn.
+        mode: ``"hard"`` (Hungarian + straight-through) or ``"soft"`` (the Sinkhorn matrix itself).
+        sinkhorn_iters: Sinkhorn iterations from scratch (the first step; every step when ``warm_iters`` is None).
+        warm_iters: iterations warm-started from the previous step's dual potentials (None: always from scratch).
+        gumbel_scale: scale of Gumbel noise on the cost while training (0: none).
+        grad_precision: matmuls of the hard mode's permutation gradient: ``"float32"``, ``"bfloat16"`` or ``"auto"``
+            (bfloat16 where the device has native bf16 dot products, float32 elsewhere).
+        tau_start, tau_end, tau_schedule: the Sinkhorn temperature, annealed over all training steps
+            (:class:`~permsparse.permutation.schedule.TemperatureSchedule`).
+        foldable: ``perm.foldable``: attention-output groups learn within-head permutations tied per kv head.
+        seed: seed of the cost initialisation and of the Gumbel noise.
+    """
+
+    groups: int = 4
+    init: str | Mapping[str, Tensor] = "identity"
+    init_scale: float = 0.05
+    noise: float = 0.01
+    normalize: bool = True
+    mode: str = "hard"
+    sinkhorn_iters: int = 20
+    warm_iters: int | None = 5
+    gumbel_scale: float = 0.0
+    grad_precision: str = "auto"
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    tau_schedule: str = "exponential"
+    foldable: bool = False
+    seed: int = 0
+
+    KEY: ClassVar[str] = "perm.method"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{self.KEY}.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        for name in ("groups", "sinkhorn_iters", "seed") + (("warm_iters",) if self.warm_iters is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise bad(name, f"it must be an integer >= {0 if name == 'seed' else 1}"
+                          + ("; null runs every step from scratch" if name == "warm_iters" else ""))
+        for name, choices in (("mode", MODES), ("grad_precision", tuple(_GRAD_PRECISIONS)),
+                              ("tau_schedule", SCHEDULES)) + ((("init", INITS),) if isinstance(self.init, str) else ()):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)!r} is invalid; choose "
+                                  f"{', '.join(choices[:-1])} or {choices[-1]}")
+        for name in ("tau_start", "tau_end"):
+            if not float(getattr(self, name)) > 0:
+                raise bad(name, "temperatures must be > 0")
+        if not float(self.init_scale) > 0:
+            raise bad("init_scale", "it must be > 0")
+        for name in ("noise", "gumbel_scale"):
+            if not float(getattr(self, name)) >= 0:
+                raise bad(name, "it must be >= 0")
+        for name in ("normalize", "foldable"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "it must be true or false")
+
+    def schedule(self, total_steps: int = 1) -> TemperatureSchedule:
+        """The temperature schedule over ``total_steps`` optimiser steps."""
+        return TemperatureSchedule(self.tau_start, self.tau_end, total_steps, self.tau_schedule)
+
+    def build(self, model: nn.Module, pruner: Pruner, pattern: NMPattern | str,
+              stats: Mapping[str, LayerStats] | None = None, spec: BindingSpec | None = None) -> LearnedPermutations:
+        """The learnable costs and masks of every binding group of ``model`` (not yet attached)."""
+        return LearnedPermutations(model, pruner, pattern, stats, self, spec)
+
+    def refresh(self, learned: LearnedPermutations, tau: float, generator: torch.Generator | None = None) -> float:
+        """One step's permutations and masks at temperature ``tau``; returns the Sinkhorn residual."""
+        return learned.refresh(tau, hard=self.mode == "hard", n_iters=self.sinkhorn_iters,
+                               gumbel_scale=self.gumbel_scale, generator=generator, warm_iters=self.warm_iters)
+
+
 class LearnedPermutations(nn.Module):
     """Learnable block-diagonal permutations for every binding group of a frozen model.
 
@@ -108,21 +206,21 @@ class LearnedPermutations(nn.Module):
         pruner: mask generator whose ``score`` ranks weights (Wanda, RIA, magnitude, SparseGPT saliency).
         pattern: the N:M pattern.
         stats: calibration statistics per linear name (if the pruner needs them).
-        groups: channel groups G per layer (the paper's default 4).
+        method: the settings (:class:`LearnedPermutation`; its defaults when omitted). Of them, this module uses
+            ``groups``, ``init`` / ``init_scale`` / ``noise`` / ``normalize`` / ``seed`` (passed to
+            :class:`LearnableCost`, group ``i`` seeded ``seed + i``), ``foldable`` and ``grad_precision``:
+
+            * ``foldable`` restricts the attention-output groups (``o_proj`` / ``attn.proj``, producer
+              :class:`~permsparse.models.binding.ValueRows`) to permutations export can fold: their blocks are the
+              heads (``num_heads`` groups of ``head_dim``, ignoring ``groups``) and the query heads sharing a kv
+              head share one cost (:class:`LearnableCost` with ``tie``). An ``init`` permutation of such a group
+              that is not foldable is replaced by :func:`~permsparse.permutation.heads.restrict_to_heads` of it.
+            * ``grad_precision``: ``"bfloat16"`` computes the hard mode's ``P``-gradient as one bf16 matmul with
+              fp32 accumulation (result rounded to bf16) via a :func:`~permsparse.permutation.apply.gradient_workspace`
+              per linear (4 bytes per weight); ``"auto"`` picks it where it runs natively
+              (:func:`~permsparse.permutation.apply.native_bf16_matmul`), float32 elsewhere. Resolved at
+              :meth:`attach`, on the model's device; :attr:`grad_dtype` tells which.
         spec: binding spec (found from the model class if omitted).
-        init, init_scale, noise, normalize, seed: passed to :class:`LearnableCost`;
-            ``init`` may be ``"identity"`` or a mapping ``group name -> (d_in,) permutation``.
-        foldable: restrict the attention-output groups (``o_proj`` / ``attn.proj``, producer ``v_rows``) to
-            permutations export can fold (``perm.foldable``): their blocks are the heads (``num_heads`` groups of
-            ``head_dim``, ignoring ``groups``) and the query heads sharing a kv head share one cost
-            (:class:`LearnableCost` with ``tie``). An ``init`` permutation of such a group that is not foldable
-            is replaced by :func:`~permsparse.permutation.heads.restrict_to_heads` of it. Other groups are unchanged.
-        grad_precision: precision of the two matmuls of the hard mode's ``P``-gradient: ``"float32"``, ``"bfloat16"``
-            (one bf16 matmul with fp32 accumulation, result rounded to bf16, via a
-            :func:`~permsparse.permutation.apply.gradient_workspace` per linear: 4 bytes per weight of memory) or
-            ``"auto"``: bfloat16 where it runs natively (:func:`~permsparse.permutation.apply.native_bf16_matmul`,
-            CPUs with AVX512-BF16 or AMX), float32 elsewhere. Resolved at :meth:`attach`, on the model's device;
-            :attr:`grad_dtype` tells which. The forward pass, Sinkhorn and Hungarian are unaffected.
     """
 
     def __init__(
@@ -131,20 +229,14 @@ class LearnedPermutations(nn.Module):
         pruner: Pruner,
         pattern: NMPattern | str,
         stats: Mapping[str, LayerStats] | None = None,
-        groups: int = 4,
+        method: LearnedPermutation | None = None,
         spec: BindingSpec | None = None,
-        init: str | Mapping[str, Tensor] = "identity",
-        init_scale: float = 1.0,
-        noise: float = 0.01,
-        normalize: bool = True,
-        seed: int = 0,
-        foldable: bool = False,
-        grad_precision: str = "auto",
     ) -> None:
         super().__init__()
-        if grad_precision not in _GRAD_PRECISIONS:
-            raise ValueError(f"grad_precision={grad_precision!r} is invalid; choose one of {sorted(_GRAD_PRECISIONS)}")
-        self.grad_precision = grad_precision
+        method = LearnedPermutation() if method is None else method
+        self.method = method
+        groups, init, foldable = method.groups, method.init, method.foldable
+        self.grad_precision = method.grad_precision
         self.grad_dtype: torch.dtype | None = None  # resolved by attach
         self.pattern = NMPattern.parse(pattern)
         self.spec = spec or get_spec(model)
@@ -164,20 +256,25 @@ class LearnedPermutations(nn.Module):
                 check_nm_scores(scores[name], self.pattern, name)  # once: the mask updates skip nm_mask's check
                 dtypes[name] = weight.dtype
             d_in = next(iter(scores.values())).shape[1]
-            group_init = init if isinstance(init, str) else init[group.name]
+            if d_in % (groups * self.pattern.m) and not (foldable and is_head_restricted(group)):
+                raise ConfigError(
+                    f"{group.name}: d_in={d_in} is not divisible by groups x M = {groups} x {self.pattern.m}; "
+                    f"choose {method.KEY}.groups dividing {d_in // self.pattern.m}"
+                )
+            if init == "ria":  # the RIA heuristic inside each of the groups blocks, so the start is block-diagonal
+                group_init: str | Tensor = ria_block_diagonal(torch.cat(list(scores.values())), self.pattern, groups,
+                                                              group.name)
+            else:
+                group_init = init if isinstance(init, str) else init[group.name]
             n_groups, tie = groups, 1
             if foldable and is_head_restricted(group):
                 head_dim, num_heads, num_kv_heads = head_layout(group)
                 n_groups, tie = num_heads, num_heads // num_kv_heads
                 if not isinstance(group_init, str):
                     group_init = _foldable_init(group, group_init)
-            elif d_in % (groups * self.pattern.m):
-                raise ValueError(
-                    f"{group.name}: d_in={d_in} is not divisible by groups x M = {groups} x {self.pattern.m}; "
-                    f"choose perm.groups dividing {d_in // self.pattern.m}"
-                )
             self.costs[cost_key(group.name)] = LearnableCost(
-                d_in, n_groups, group_init, init_scale, noise, normalize, seed=seed + index, tie=tie
+                d_in, n_groups, group_init, method.init_scale, method.noise, method.normalize, seed=method.seed + index,
+                tie=tie,
             )
             self._states[group.name] = _GroupState(group, scores, dtypes)
         self._attached = False

@@ -1,4 +1,4 @@
-"""RIA channel permutation (Zhang et al., ICLR 2024, "Plug-and-Play"; METHOD.md section 5).
+"""RIA channel permutation (Zhang et al., ICLR 2024, "Plug-and-Play"; docs/method.md §5).
 
 Two steps, as in the RIA reference code (``--reallocation --lsa``):
 
@@ -29,11 +29,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from permsparse.permutation.base import PermutationMethod
+from permsparse.permutation.base import PermutationMethod, block_to_global
 from permsparse.permutation.channel_swap import torch_threads
 from permsparse.sparsity.nm import NMPattern, nm_kept_score
 
-__all__ = ["RIAChannelPermutation", "snake_reallocation"]
+__all__ = ["RIAChannelPermutation", "snake_reallocation", "ria_block_diagonal"]
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +132,13 @@ class RIAChannelPermutation(PermutationMethod):
         rows, cols = linear_sum_assignment(kept_if.numpy(), maximize=True)
         new = chans[torch.as_tensor(cols), p]
         view[block[torch.as_tensor(rows)], p] = new
+
+
+def ria_block_diagonal(scores: Tensor, pattern: NMPattern | str, groups: int, name: str = "group") -> Tensor:
+    """RIA CP run inside each of ``groups`` contiguous channel blocks of ``scores`` ``(d_out, d_in)``: a
+    block-diagonal ``(d_in,)`` permutation, the start the learned method takes with ``init=ria``."""
+    pattern = NMPattern.parse(pattern)
+    method = RIAChannelPermutation()
+    size = scores.shape[1] // groups
+    local = torch.stack([method.find(scores[:, k * size:(k + 1) * size], pattern, name=name) for k in range(groups)])
+    return block_to_global(local)

@@ -1,11 +1,14 @@
-"""Temperature annealing for Sinkhorn: exponential (default), linear or cosine from ``start`` to ``end``."""
+"""Temperature annealing for Sinkhorn: exponential (default), linear, cosine from ``start`` to ``end``, or constant."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["TemperatureSchedule"]
+__all__ = ["TemperatureSchedule", "SCHEDULES"]
+
+#: the schedules ``perm.method.tau_schedule`` accepts (``constant`` holds ``start``; ``end`` is then unused)
+SCHEDULES = ("exponential", "linear", "cosine", "constant")
 
 
 @dataclass
@@ -20,10 +23,8 @@ class TemperatureSchedule:
     def __post_init__(self) -> None:
         if self.start <= 0 or self.end <= 0:
             raise ValueError(f"temperatures must be > 0, got start={self.start}, end={self.end}")
-        if self.kind not in {"exponential", "linear", "cosine", "constant"}:
-            raise ValueError(
-                f"unknown temperature schedule {self.kind!r}; choose exponential, linear, cosine or constant"
-            )
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown temperature schedule {self.kind!r}; choose one of {', '.join(SCHEDULES)}")
         if self.total_steps < 1:
             raise ValueError(f"temperature schedule needs total_steps >= 1, got {self.total_steps}")
 

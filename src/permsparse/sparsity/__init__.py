@@ -10,7 +10,7 @@ from permsparse.sparsity.calibration import (
     merge_stats_dicts,
 )
 from permsparse.sparsity.nm import NMPattern, check_nm, check_nm_shape, is_nm, nm_kept_score, nm_mask
-from permsparse.sparsity.pruners import PRUNER_NAMES, MagnitudePruner, RIAPruner, WandaPruner, make_pruner
+from permsparse.sparsity.pruners import MagnitudePruner, RIAPruner, WandaPruner
 from permsparse.sparsity.sparsegpt import SparseGPTPruner
 
 __all__ = [
@@ -28,8 +28,6 @@ __all__ = [
     "WandaPruner",
     "RIAPruner",
     "SparseGPTPruner",
-    "PRUNER_NAMES",
-    "make_pruner",
     "collect_stats",
     "collect_stats_sequential",
     "default_forward",

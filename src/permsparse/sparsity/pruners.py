@@ -1,4 +1,4 @@
-"""Score-based mask generators: magnitude, Wanda and RIA (METHOD.md section 2).
+"""Score-based mask generators: magnitude, Wanda and RIA (docs/method.md §2).
 
 Each pruner only defines :meth:`score`; :meth:`Pruner.prune` turns the (optionally permuted) score
 into an N:M mask. Scores are computed in at least float32 so half-precision weights neither
@@ -7,14 +7,12 @@ overflow nor create spurious ties.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from permsparse.sparsity.base import LayerStats, Pruner
 
-__all__ = ["MagnitudePruner", "WandaPruner", "RIAPruner", "PRUNER_NAMES", "make_pruner"]
+__all__ = ["MagnitudePruner", "WandaPruner", "RIAPruner"]
 
 #: added to denominators of normalised scores so that all-zero rows/columns give 0, not NaN
 _EPS = 1e-12
@@ -86,23 +84,3 @@ class RIAPruner(Pruner):
 
     def __repr__(self) -> str:
         return f"RIAPruner(a={self.a})"
-
-
-#: names accepted by :func:`make_pruner`
-PRUNER_NAMES = ("magnitude", "wanda", "ria", "sparsegpt")
-
-
-def make_pruner(name: str, **kwargs: Any) -> Pruner:
-    """Build a pruner from its config name (``magnitude``, ``wanda``, ``ria``, ``sparsegpt``)."""
-    key = name.strip().lower()
-    if key == "magnitude":
-        return MagnitudePruner(**kwargs)
-    if key == "wanda":
-        return WandaPruner(**kwargs)
-    if key == "ria":
-        return RIAPruner(**kwargs)
-    if key == "sparsegpt":
-        from permsparse.sparsity.sparsegpt import SparseGPTPruner
-
-        return SparseGPTPruner(**kwargs)
-    raise ValueError(f"unknown pruner {name!r}; expected one of {', '.join(PRUNER_NAMES)}")

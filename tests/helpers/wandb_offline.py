@@ -1,4 +1,4 @@
-"""Read the summary of an offline W&B run without syncing it (for tests, notebooks and scripts).
+"""Read the summary of an offline W&B run without syncing it (the W&B test reads what a run logged).
 
 An offline run keeps its records in ``run-<id>.wandb``: LevelDB-log framing (32 KiB blocks, 7-byte
 record headers) around ``wandb_internal_pb2.Record`` protobufs. Current wandb releases no longer ship

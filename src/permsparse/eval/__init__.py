@@ -1,1 +1,0 @@
-"""Evaluation helpers: reading results and offline W&B runs."""

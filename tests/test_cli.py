@@ -1,0 +1,56 @@
+"""The command line: configuration and input errors print one line (no traceback) and exit with status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def _train(*overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "train.py", *overrides, "hydra.run.dir=/tmp/permsparse-cli-test"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_the_vit_b_command_offline_says_where_to_point_in_one_line():
+    # model=vit_b brings dataset=imagenet, a local ImageFolder that this machine does not have
+    proc = _train("model=vit_b", "sparsity=2:4", "perm=learned")
+    assert proc.returncode == 2
+    line = _one_line(proc)
+    assert line.startswith("error: dataset.datamodule.root is not set") and "dataset.datamodule.root=" in line
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["sparsity.n=5"], "N must not exceed M"),
+    (["perm.method.mode=medium"], "perm.method.mode='medium' is invalid"),
+    (["model=vit_fmnist", "dataset=shakespeare"], "is a image_classification model but dataset=shakespeare"),
+])
+def test_config_errors_print_their_message_alone(overrides, needle):
+    proc = _train(*overrides)
+    assert proc.returncode == 2
+    assert needle in _one_line(proc)
+
+
+def test_every_model_brings_its_default_dataset():
+    from conftest import CONF, compose_cfg
+
+    expected = {"vit_b": "imagenet", "vit_l": "imagenet", "vit_fmnist": "fashion_mnist", "vit_digits": "digits",
+                "tiny_vit": "digits", "smollm2_135m": "shakespeare", "llama3_2_1b": "wikitext2",
+                "llama2_7b": "wikitext2", "tiny_llama": "tiny_text", "tiny_qwen2": "tiny_text",
+                "tiny_mistral": "tiny_text"}
+    assert sorted(expected) == sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+    for model, dataset in expected.items():
+        assert compose_cfg([f"model={model}"], ROOT / "x").dataset.name == dataset
+        cfg = compose_cfg([f"model={model}", "dataset=digits"], ROOT / "x")  # still overridable
+        assert cfg.dataset.name == "digits" and cfg.model.name == model
