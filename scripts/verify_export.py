@@ -22,36 +22,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _tokenizer(cfg: dict, export_dir: Path):
-    """The run's tokenizer: its config node if it has one, else the one saved beside the exported HF model."""
-    from permsparse.export import instantiate_node
-
-    node = cfg["model"].get("tokenizer")
-    if node:
-        return instantiate_node(node)
-    if (export_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-    return None
-
-
 def _sig4(x: float) -> str:
     return f"{x:#.4g}"
 
 
 def verify(run_dir: Path, export_dir: Path | None) -> bool:
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from torch import nn
 
     from permsparse.export import load_exported
+    from permsparse.runs import load_run
     from permsparse.sparsity.nm import is_nm
     from permsparse.utils.io import read_json
 
-    results = read_json(run_dir / "results.json")
-    cfg = results["config"]
+    run = load_run(run_dir, weights="architecture")  # the run's data (and tokenizer); the model is the export's
+    results, cfg = run.record.to_dict(), run.config
     export_dir = export_dir or run_dir / "export"
     sidecar = read_json(export_dir / "permsparse_export.json")
     pattern = sidecar["pattern"]
@@ -74,9 +59,7 @@ def verify(run_dir: Path, export_dir: Path | None) -> bool:
           "not pruned by design: "
           f"{', '.join(n for n in not_nm if n not in bound) or 'none'}")
 
-    tokenizer = _tokenizer(cfg, export_dir)
-    dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
-    datamodule = instantiate(OmegaConf.create(cfg["dataset"]["datamodule"]), seed=cfg["seed"], **dm_kwargs)
+    datamodule = run.datamodule
     start = time.perf_counter()
     with torch.no_grad():
         metrics = datamodule.evaluate(model, batch_size=cfg["eval"]["batch_size"], progress=False)

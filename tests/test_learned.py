@@ -75,7 +75,7 @@ def test_a_non_finite_loss_skips_the_step_and_too_many_abort():
 @pytest.mark.parametrize("grad_precision", ["float32", "bfloat16"])
 def test_cost_gradients_equal_the_plain_straight_through_formula(grad_precision):
     """The fast path (stacked Sinkhorn, original-order masks, the Sinkhorn matrix carrying the straight-through
-    gradient) gives the costs the gradient of METHOD.md 4.4 written out plainly:
+    gradient) gives the costs the gradient of docs/method.md §4.4 written out plainly:
     ``W_eff = ((W P) * M(P)) P^T`` with ``P = P_hard + P_soft - P_soft.detach()``, by dense block products."""
     import copy
 

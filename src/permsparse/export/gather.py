@@ -1,6 +1,6 @@
 """Runtime input gathers for permuted linears whose permutation cannot be folded into a producer.
 
-Choice (documented in METHOD.md section 6 terms): a gathered layer becomes a :class:`PermutedLinear`, a
+Choice (docs/method.md §6): a gathered layer becomes a :class:`PermutedLinear`, a
 *subclass* of ``nn.Linear`` that owns the very same ``weight``/``bias`` parameters and a **non-persistent**
 ``input_perm`` buffer, and computes ``linear(x.index_select(-1, input_perm))``. Why not a wrapper module or
 a hook:

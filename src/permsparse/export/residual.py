@@ -1,4 +1,4 @@
-"""One global residual-stream permutation, folded into the weights (METHOD.md section 6, issue 4).
+"""One global residual-stream permutation, folded into the weights (docs/method.md §6).
 
 The groups that read the normalised residual stream (``q,k,v`` / ``qkv``, ``gate,up``, ``fc1``) have no
 producer rows to absorb their input permutation, so export gathers their input at run time. If *all* of

@@ -1,6 +1,6 @@
 """LightningModules that train only the permutation costs of a frozen model.
 
-Loss (METHOD.md section 4.5): ``CE(task) + alpha * sum_l SmoothL1(h_l_dense, h_l_sparse)`` where
+Loss (docs/method.md §4.5): ``CE(task) + alpha * sum_l SmoothL1(h_l_dense, h_l_sparse)`` where
 ``h_l`` is the output of block ``l`` and the dense teacher is the same model with masks switched off.
 The :class:`~permsparse.lit.callbacks.PermutationLearning` callback attaches the learnable costs as
 ``self.permutations`` before the optimisers are configured.

@@ -39,7 +39,7 @@ def apply_block_matrix_t(weight: Tensor, p: Tensor) -> Tensor:
 
 
 def permuted_masked_weight(weight: Tensor, p: Tensor, mask_permuted: Tensor) -> Tensor:
-    """``((W P) * M) P^T`` of METHOD.md section 4.4: the masked weight back in original channel order.
+    """``((W P) * M) P^T`` of docs/method.md §4.4: the masked weight back in original channel order.
 
     With a hard ``P`` (possibly carrying a straight-through gradient) this equals ``W * M[:, argsort(perm)]``
     in value, while the gradient reaches ``P``. ``mask_permuted`` is treated as a constant.
@@ -67,8 +67,8 @@ class _HardPermutedMask(torch.autograd.Function):
 
     Why transposed: a group's block of input channels is then a contiguous ``(g, d_out)`` slab, so the batched
     matmuls read ``(G, g, d_out)`` views without copies, the product ``G * M P^T`` is written contiguously, and a
-    mask update rewrites whole rows (a changed channel) instead of scattering columns, which cost 0.15 s a step on
-    SmolLM2. A linear layer consumes the transposed result (``x @ W_eff^T``) as it is, and hands back ``G^T``
+    mask update rewrites whole rows (a changed channel) instead of scattering columns (several times slower;
+    ``scripts/bench_machinery.py``). A linear layer consumes the transposed result (``x @ W_eff^T``) as it is, and hands back ``G^T``
     contiguous.
 
     With a ``workspace`` (:func:`gradient_workspace`) the two products run as one low-precision matmul with fp32
@@ -115,8 +115,8 @@ def gradient_workspace(weight: Tensor, groups: int, dtype: torch.dtype = torch.b
     """The ``(G, g, 2 d_out)`` buffer that makes :func:`hard_permuted_masked_weight` compute the ``P``-gradient
     as one ``dtype`` matmul: ``W^T`` by group in the first half (so ``weight`` must stay unchanged while the
     workspace is in use), room for the incoming gradient in the second. On a CPU with native bf16 dot products
-    (AVX512-BF16, AMX) a bf16 matmul runs at about twice the fp32 rate; on SmolLM2 the P-gradient fell from
-    0.54 s to 0.34 s a step on 2 cores, casts included. Memory: the weight's size in fp32 (4 bytes per weight)."""
+    (AVX512-BF16, AMX) a bf16 matmul runs at about twice the fp32 rate (measured by ``scripts/bench_machinery.py``,
+    recorded in ``results/benchmarks/``). Memory: the weight's size in fp32 (4 bytes per weight)."""
     d_out, d_in = weight.shape
     if d_in % groups:
         raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")

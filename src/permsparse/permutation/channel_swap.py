@@ -1,6 +1,6 @@
 """CP: greedy channel swap with escapes and stripe-group search (Pool & Yu, NeurIPS 2021; NVIDIA Apex ASP).
 
-Objective: the total score kept by the N:M mask of the permuted scores ``S[:, perm]`` (METHOD.md §5).
+Objective: the total score kept by the N:M mask of the permuted scores ``S[:, perm]`` (docs/method.md §5).
 The search starts from identity and only ever applies improvements (escapes are undone unless they
 lead to a better optimum), so the result never keeps less than identity; ``find`` checks this again
 in float64 before returning.

@@ -1,4 +1,4 @@
-"""The learnable cost of the paper's method (METHOD.md section 4): one ``g x g`` cost per channel group.
+"""The learnable cost of the paper's method (docs/method.md §4): one ``g x g`` cost per channel group.
 
 ``C[k, i, j]`` is the cost of putting original channel ``i`` of group ``k`` at position ``j``. The
 module normalises the free parameter, runs log-domain Sinkhorn, hardens with Hungarian and hands back
@@ -155,11 +155,11 @@ def solve_costs(
     exactly the straight-through one (``P_hard + P_soft - P_soft.detach()`` has the gradient of ``P_soft``),
     but its value is not the permutation. A consumer that reads the permutation from ``perm`` and uses ``P``
     only to carry the gradient (as :class:`~permsparse.permutation.learned.LearnedPermutations` does) saves
-    building the ``(blocks, g, g)`` hard matrices and the estimator, about 0.1 s a step on SmolLM2 on CPU.
+    building the ``(blocks, g, g)`` hard matrices and the estimator.
 
     Costs with the same block size are stacked into ``(blocks, g, g)`` tensors, so standardisation,
     Sinkhorn, Hungarian and the straight-through estimate run once per stack instead of once per layer
-    (METHOD.md 4.2: "batched over all groups in one tensor op"). On CPU a stack holds at most
+    (docs/method.md §4.2: batched over all groups in one tensor op). On CPU a stack holds at most
     ``_CPU_STACK_ELEMENTS`` entries: Sinkhorn streams its matrix about 30 times a step, and a stack that
     stays in cache is faster than one that does not (SmolLM2: one stack per 384-block layer 3.5x faster
     than all of them at once; 18 layers of 144-blocks per stack 1.5x faster than one each). On GPU a stack

@@ -1,4 +1,4 @@
-"""Quality metrics of a permutation: Apex's *efficacy* and the kept-score ratio (METHOD.md section 5).
+"""Quality metrics of a permutation: Apex's *efficacy* and the kept-score ratio (docs/method.md §5).
 
 Both compare the score kept by the N:M mask of the permuted scores ``S[:, perm]`` with the score kept
 in the original channel order (identity). Efficacy also needs the best any mask of the same density

@@ -1,7 +1,7 @@
 """Log-domain Sinkhorn: a differentiable relaxation of an assignment, batched over channel groups.
 
 ``P = Diag(u) exp(-C / tau) Diag(v)`` is computed by alternating row and column ``logsumexp``
-normalisation of ``-C / tau`` (METHOD.md section 4.2). Everything stays in the log domain, so a low
+normalisation of ``-C / tau`` (docs/method.md §4.2). Everything stays in the log domain, so a low
 temperature with large costs cannot overflow to Inf or NaN.
 """
 

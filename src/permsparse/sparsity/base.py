@@ -47,7 +47,7 @@ class PruneResult:
 def apply_perm_mask(scores: Tensor, pattern: NMPattern, perm: Tensor | None, name: str = "tensor") -> Tensor:
     """N:M mask chosen on the permuted scores ``S[:, perm]``, mapped back to original order.
 
-    This is ``M'[:, argsort(perm)]`` of METHOD.md section 3: the same function as the deployed
+    This is ``M'[:, argsort(perm)]`` of docs/method.md §3: the same function as the deployed
     permuted layer, without moving any weight.
     """
     if perm is None:

@@ -1,6 +1,6 @@
 """Calibration statistics of linear-layer inputs: per-channel sum of squares, token count, ``X^T X``.
 
-Two modes (METHOD.md section 2): :func:`collect_stats` runs the dense model once with hooks on
+Two modes (docs/method.md §2): :func:`collect_stats` runs the dense model once with hooks on
 all requested layers (the paper's setting); :func:`collect_stats_sequential` calibrates block by
 block on the outputs of the already-pruned earlier blocks (Wanda / SparseGPT as published).
 Accumulation runs in float64 by default. Statistics are plain sums, so shards from several

@@ -1,6 +1,6 @@
 """N:M masks along the input dimension: keep the N largest scores in every run of M input channels.
 
-Conventions (METHOD.md section 1): a weight has shape ``(d_out, d_in)``; groups are M *consecutive*
+Conventions (docs/method.md §1): a weight has shape ``(d_out, d_in)``; groups are M *consecutive*
 input channels of one output row; ties break towards the lower input index so that the mask is a
 deterministic function of the scores (dequantised 4-bit checkpoints have many equal magnitudes).
 """
