@@ -119,3 +119,18 @@ def test_mixed_precision_option_trains_the_permutations_under_autocast(tmp_path)
     assert abs(start_bf16["val_loss"] - start_fp32["val_loss"]) < 1e-2
     assert max(h["changed_channels"] for h in bf16["learning"]["history"]) > 0
     assert bf16["config"]["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_every_committed_run_record_reads_back():
+    """results/ holds runs of earlier code versions: RunRecord reads them all, and round-trips them unchanged."""
+    import json
+
+    from permsparse.runs import RunRecord, find_runs
+
+    runs = find_runs(ROOT / "results")
+    assert len(runs) >= 10
+    for run_dir in runs:
+        data = json.loads((run_dir / "results.json").read_text())
+        record = RunRecord.read(run_dir)
+        assert record.metrics == data["metrics"] and record.pattern == data["pattern"]
+        assert {k: v for k, v in record.to_dict().items() if k in data} == data

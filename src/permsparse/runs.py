@@ -64,7 +64,7 @@ class RunRecord:
     perm_seconds: dict[str, float]
     learning: dict[str, Any] | None
     timings: dict[str, float]
-    calibration: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=dict)  # absent in runs written before it was recorded
     permutations_file: str = PERMS
     pruned_file: str | None = PRUNED
     format_version: int = FORMAT_VERSION
