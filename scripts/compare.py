@@ -2,7 +2,9 @@
 
 Reads every ``results.json`` below the folder (nothing is scraped from logs), prints one row per run
 (dense, identity and permuted metrics, the share of the identity-to-dense gap the permutation closes,
-mean efficacy and kept-score ratio, time) and writes ``compare.png`` and ``compare.csv`` beside them.
+mean efficacy and kept-score ratio, time) and writes ``compare.png`` and ``compare.csv`` beside them. Every
+domain a run reports (e.g. the held-out domains of ``dataset=mixture``) gets its own pruned-metric and
+gap-closed columns; ``variant`` is the run's command-line overrides (what distinguishes two runs of one method).
 """
 
 from __future__ import annotations
@@ -37,32 +39,58 @@ def gap_closed(dense: float, identity: float, method: float, log_scale: bool) ->
     return float("nan") if denom == 0 else (f(identity) - f(method)) / denom
 
 
-def build_rows(runs: list[dict]) -> tuple[list[dict], str]:
+_NOT_A_VARIANT = ("hydra.", "progress=", "resume=", "logger=", "save_pruned=", "-m", "--multirun")
+
+
+def variant(run: dict) -> str:
+    """The run's own overrides (Hydra's ``.hydra/overrides.yaml``, else its command line), without those that do
+    not change its result."""
+    path = Path(run["_path"]) / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        import yaml
+
+        args = [str(a) for a in yaml.safe_load(path.read_text()) or []]
+    else:
+        args = run.get("command", "").split()[1:]
+    return " ".join(a for a in args if not a.startswith(_NOT_A_VARIANT)) or "(defaults)"
+
+
+def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
+    """One row per run; the headline metric; the other domains (metrics) every run reports."""
     if not runs:
         raise SystemExit("no results.json found below that folder")
     metric = main_metric(runs[0]["metrics"]["dense"])
     is_ppl = metric.startswith("ppl")
+    others = [k for k in runs[0]["metrics"]["pruned"] if k != metric
+              and all(k in run["metrics"]["pruned"] for run in runs)]
     rows = []
     for run in runs:
         m = run["metrics"]
+        identity_of = m.get("identity", m["pruned"] if run["perm"] == "none" else {})
         dense = m["dense"][metric]
         pruned = m["pruned"][metric]
-        identity = m.get("identity", m["pruned"] if run["perm"] == "none" else {}).get(metric, float("nan"))
-        rows.append({
+        identity = identity_of.get(metric, float("nan"))
+        row = {
             "model": run["model"], "pattern": run["pattern"], "pruner": run["pruner"], "perm": run["perm"],
-            "seed": run["seed"], f"dense_{metric}": dense, f"identity_{metric}": identity, metric: pruned,
-            "gap_closed": gap_closed(dense, identity, pruned, is_ppl),
-            "efficacy": run["efficacy"]["mean"], "kept_ratio": run["kept_ratio"]["mean"],
-            "seconds": sum(run["timings"].values()), "path": run["_path"],
-        })
+            "variant": variant(run), "seed": run["seed"], f"dense_{metric}": dense,
+            f"identity_{metric}": identity, metric: pruned, "gap_closed": gap_closed(dense, identity, pruned, is_ppl),
+        }
+        for key in others:
+            row[key] = m["pruned"][key]
+            row[f"gap_{key.removeprefix('ppl_')}"] = gap_closed(m["dense"][key], identity_of.get(key, float("nan")),
+                                                                 m["pruned"][key], key.startswith("ppl"))
+        row.update({"efficacy": run["efficacy"]["mean"], "kept_ratio": run["kept_ratio"]["mean"],
+                    "seconds": sum(run["timings"].values()), "path": run["_path"]})
+        rows.append(row)
     order = {"none": 0, "ria": 1, "greedy": 2, "learned": 3}
-    rows.sort(key=lambda r: (r["model"], r["pattern"], r["pruner"], order.get(r["perm"], 9), r["seed"]))
-    return rows, metric
+    rows.sort(key=lambda r: (r["model"], r["pattern"], r["pruner"], order.get(r["perm"], 9), r["variant"], r["seed"]))
+    return rows, metric, others
 
 
-def print_table(rows: list[dict], metric: str) -> None:
-    cols = ["model", "pattern", "pruner", "perm", "seed", f"dense_{metric}", f"identity_{metric}", metric,
-            "gap_closed", "efficacy", "kept_ratio", "seconds"]
+def print_table(rows: list[dict], metric: str, others: list[str] | None = None) -> None:
+    extra = [c for key in others or [] for c in (key, f"gap_{key.removeprefix('ppl_')}")]
+    cols = ["model", "pattern", "pruner", "perm", "variant", "seed", f"dense_{metric}", f"identity_{metric}", metric,
+            "gap_closed", *extra, "efficacy", "kept_ratio", "seconds"]
     widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
@@ -118,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a folder", file=sys.stderr)
         return 2
-    rows, metric = build_rows(load_runs(args.sweep_dir))
-    print_table(rows, metric)
+    rows, metric, others = build_rows(load_runs(args.sweep_dir))
+    print_table(rows, metric, others)
     png = args.png or args.sweep_dir / "compare.png"
     plot(rows, metric, png)
     with open(args.sweep_dir / "compare.csv", "w", newline="", encoding="utf-8") as f:

