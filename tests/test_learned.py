@@ -164,3 +164,40 @@ def test_scores_masks_and_workspaces_follow_the_module_to_another_device(monkeyp
     # auto re-chooses for the new device: no native bf16 there, so float32 and no workspaces
     assert learned.grad_dtype == torch.float32
     assert all(masked.workspace is None for masked, _, _ in learned._masked)
+
+
+@pytest.mark.parametrize("init", ["ria", "greedy"])
+def test_a_heuristic_init_starts_at_the_heuristic_run_inside_each_block(init):
+    from permsparse.models import get_spec
+    from permsparse.permutation.base import find_block_diagonal
+    from permsparse.permutation.channel_swap import GreedyChannelSwap
+    from permsparse.permutation.efficacy import kept_scores
+    from permsparse.permutation.ria_cp import RIAChannelPermutation
+    from permsparse.prune import group_scores
+
+    model = tiny_llama(seed=0)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=init))
+    start = learned.hard_permutations()
+    heuristic = RIAChannelPermutation() if init == "ria" else GreedyChannelSwap(seed=0)
+    moved = 0
+    for group in get_spec(model).groups(model):
+        scores = group_scores(model, group, MagnitudePruner(), None)
+        expected = find_block_diagonal(heuristic, scores, "2:4", 2, group.name)
+        assert torch.equal(start[group.name], expected), group.name
+        d_in = scores.shape[1]
+        assert (expected[: d_in // 2] < d_in // 2).all()  # block-diagonal: no channel leaves its block
+        kept = kept_scores(scores, expected, "2:4")
+        assert kept["method"] >= kept["identity"] * (1 - 1e-6)  # the heuristic never keeps less than no permutation
+        moved += int((expected != torch.arange(d_in)).sum())
+    assert moved > 0
+
+
+def test_a_learned_run_from_greedy_validates_the_start_and_never_ends_worse(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.run import train
+
+    results = train(compose_cfg([*TINY_LM, "perm.method.groups=2", "perm.method.init=greedy"], tmp_path))
+    history = results["learning"]["history"]
+    assert history[0]["step"] == 0 and history[0]["changed_channels"] > 0  # the start is the heuristic's
+    assert results["learning"]["best_val_loss"] <= history[0]["val_loss"]

@@ -26,6 +26,7 @@ __all__ = [
     "invert",
     "block_to_global",
     "global_to_block",
+    "find_block_diagonal",
 ]
 
 
@@ -117,3 +118,14 @@ def global_to_block(perm: Tensor, groups: int) -> Tensor:
     if (local < 0).any() or (local >= size).any():
         raise ValueError(f"permutation is not block-diagonal with {groups} groups of {size} channels")
     return local
+
+
+def find_block_diagonal(method: PermutationMethod, scores: Tensor, pattern: NMPattern | str, groups: int,
+                        name: str = "group") -> Tensor:
+    """``method`` run inside each of ``groups`` contiguous channel blocks of ``scores`` ``(d_out, d_in)``: a
+    block-diagonal ``(d_in,)`` permutation (the start the learned method takes with ``init=ria|greedy``)."""
+    pattern = NMPattern.parse(pattern)
+    size = scores.shape[1] // groups
+    local = torch.stack([method.find(scores[:, k * size:(k + 1) * size], pattern, name=f"{name}[block {k}]").long()
+                         for k in range(groups)])
+    return block_to_global(local)

@@ -29,19 +29,25 @@ from permsparse.permutation.apply import (
     native_bf16_matmul,
     permuted_masked_weight,
 )
-from permsparse.permutation.base import block_to_global, global_to_block
+from permsparse.permutation.base import (
+    PermutationMethod,
+    block_to_global,
+    find_block_diagonal,
+    global_to_block,
+)
+from permsparse.permutation.channel_swap import GreedyChannelSwap
 from permsparse.permutation.cost import LearnableCost, solve_costs
 from permsparse.permutation.foldable import check_foldable, head_layout, is_foldable, is_head_restricted
 from permsparse.permutation.heads import restrict_to_heads
 from permsparse.permutation.hungarian import perm_to_matrix
-from permsparse.permutation.ria_cp import ria_block_diagonal
+from permsparse.permutation.ria_cp import RIAChannelPermutation
 from permsparse.permutation.schedule import SCHEDULES, TemperatureSchedule
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm_scores, keep_top_n_planes, nm_mask
 
 __all__ = ["LearnedPermutation", "LearnedPermutations", "cost_key", "INITS", "MODES"]
 
-INITS = ("identity", "ria")
+INITS = ("identity", "ria", "greedy")
 MODES = ("hard", "soft")
 
 
@@ -57,6 +63,11 @@ def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
 
 
 _GRAD_PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _heuristic(init: str, seed: int) -> PermutationMethod:
+    """The heuristic that ``init=ria|greedy`` starts from (with the defaults of ``conf/perm/<init>.yaml``)."""
+    return RIAChannelPermutation() if init == "ria" else GreedyChannelSwap(seed=seed)
 
 
 class _GroupState:
@@ -122,8 +133,9 @@ class LearnedPermutation:
     Attributes:
         groups: channel groups G per layer: each layer's permutation is block-diagonal with G blocks.
         init: ``"identity"`` (cost ``-I`` plus noise: the first hard permutation is the identity, so step 0 is
-            the pruner without a permutation), ``"ria"`` (RIA channel permutation run inside each block) or, in
-            Python, a mapping ``group name -> (d_in,) permutation``.
+            the pruner without a permutation), ``"ria"`` / ``"greedy"`` (RIA channel permutation / greedy channel
+            swap run inside each block: learning starts where the heuristic ends) or, in Python, a mapping
+            ``group name -> (d_in,) permutation``.
         init_scale: size of the ``-I`` (or ``-P_init``) initial cost before normalisation.
         noise: std of the initial Gaussian noise, relative to ``init_scale`` (breaks ties).
         normalize: standardise each ``g x g`` cost block before Sinkhorn.
@@ -261,9 +273,10 @@ class LearnedPermutations(nn.Module):
                     f"{group.name}: d_in={d_in} is not divisible by groups x M = {groups} x {self.pattern.m}; "
                     f"choose {method.KEY}.groups dividing {d_in // self.pattern.m}"
                 )
-            if init == "ria":  # the RIA heuristic inside each of the groups blocks, so the start is block-diagonal
-                group_init: str | Tensor = ria_block_diagonal(torch.cat(list(scores.values())), self.pattern, groups,
-                                                              group.name)
+            if init in ("ria", "greedy"):  # the heuristic inside each of the blocks, so the start is block-diagonal
+                heuristic = _heuristic(init, method.seed)
+                group_init: str | Tensor = find_block_diagonal(heuristic, torch.cat(list(scores.values())),
+                                                               self.pattern, groups, group.name)
             else:
                 group_init = init if isinstance(init, str) else init[group.name]
             n_groups, tie = groups, 1

@@ -29,11 +29,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from permsparse.permutation.base import PermutationMethod, block_to_global
+from permsparse.permutation.base import PermutationMethod
 from permsparse.permutation.channel_swap import torch_threads
 from permsparse.sparsity.nm import NMPattern, nm_kept_score
 
-__all__ = ["RIAChannelPermutation", "snake_reallocation", "ria_block_diagonal"]
+__all__ = ["RIAChannelPermutation", "snake_reallocation"]
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,3 @@ class RIAChannelPermutation(PermutationMethod):
         new = chans[torch.as_tensor(cols), p]
         view[block[torch.as_tensor(rows)], p] = new
 
-
-def ria_block_diagonal(scores: Tensor, pattern: NMPattern | str, groups: int, name: str = "group") -> Tensor:
-    """RIA CP run inside each of ``groups`` contiguous channel blocks of ``scores`` ``(d_out, d_in)``: a
-    block-diagonal ``(d_in,)`` permutation, the start the learned method takes with ``init=ria``."""
-    pattern = NMPattern.parse(pattern)
-    method = RIAChannelPermutation()
-    size = scores.shape[1] // groups
-    local = torch.stack([method.find(scores[:, k * size:(k + 1) * size], pattern, name=name) for k in range(groups)])
-    return block_to_global(local)
