@@ -201,3 +201,44 @@ def test_a_learned_run_from_greedy_validates_the_start_and_never_ends_worse(tmp_
     history = results["learning"]["history"]
     assert history[0]["step"] == 0 and history[0]["changed_channels"] > 0  # the start is the heuristic's
     assert results["learning"]["best_val_loss"] <= history[0]["val_loss"]
+
+
+def test_the_kept_score_term_is_the_masks_kept_score_and_its_gradient_moves_saliency_into_kept_positions():
+    from permsparse.models import get_spec
+    from permsparse.prune import group_scores
+    from permsparse.sparsity.nm import nm_kept_score
+
+    model = tiny_llama(seed=0)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4",
+                                  method=LearnedPermutation(groups=2, init_scale=1.0, kept_weight=1.0)).attach()
+    perms = learned.current_permutations()
+    for group in get_spec(model).groups(model):  # exact: the N:M kept score of the permuted scores
+        scores = group_scores(model, group, MagnitudePruner(), None)
+        expected = nm_kept_score(scores[:, perms[group.name]], "2:4")
+        assert torch.allclose(learned._kept(learned._states[group.name], exact=True), expected, rtol=1e-5)
+    assert learned.regularizer() is not None and learned.regularizer().requires_grad
+    learned.regularizer().backward()
+    assert all(c.raw.grad is not None and c.raw.grad.abs().sum() > 0 for c in learned.costs.values())
+
+
+def _kept_after_steps(kept_weight: float, steps: int = 8) -> float:
+    torch.manual_seed(0)
+    model = tiny_llama(seed=0)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(
+        groups=2, init_scale=0.05, kept_weight=kept_weight, warm_iters=None)).attach()
+    opt = torch.optim.Adam(learned.parameters(), lr=0.05)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    for step in range(steps):
+        learned.refresh(tau=1.0 * 0.7**step, hard=True)
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[:, :-1].reshape(-1, 128),
+                                                 ids[:, 1:].reshape(-1))
+        extra = learned.regularizer()
+        opt.zero_grad()
+        (loss if extra is None else loss + extra).backward()
+        opt.step()
+    learned.set_permutations(learned.hard_permutations())
+    return float(sum(learned._kept(state, exact=True) for state in learned._states.values()))
+
+
+def test_a_heavy_kept_score_term_keeps_more_score_than_none():
+    assert _kept_after_steps(kept_weight=100.0) > _kept_after_steps(kept_weight=0.0)

@@ -88,7 +88,12 @@ class PermutationModule(pl.LightningModule):
         task = self.task_loss(output, batch)
         if self.alpha > 0:
             distill = sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=False))
-        return task + self.alpha * distill, task, distill
+        loss = task + self.alpha * distill
+        extra = self.permutations.regularizer()  # terms of the permutation method itself (None: none)
+        if extra is not None:
+            self.log("train/perm_regularizer", extra)
+            loss = loss + extra
+        return loss, task, distill
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss, task, distill = self._distill_and_task(batch)

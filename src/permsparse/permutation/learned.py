@@ -149,6 +149,10 @@ class LearnedPermutation:
             (:class:`~permsparse.permutation.schedule.TemperatureSchedule`).
         foldable: ``perm.foldable``: attention-output groups learn within-head permutations tied per kv head.
         seed: seed of the cost initialisation and of the Gumbel noise.
+        kept_weight: weight of the kept-score term :meth:`LearnedPermutations.regularizer` adds to the loss:
+            ``kept_weight * (1 - mean over groups of kept(P) / kept(start))``, with ``kept(P)`` the pruner's score
+            that the current masks keep, differentiable through ``P``. It pulls the permutation towards keeping
+            the saliency a heuristic keeps. 0 (default): no term.
     """
 
     groups: int = 4
@@ -166,6 +170,7 @@ class LearnedPermutation:
     tau_schedule: str = "exponential"
     foldable: bool = False
     seed: int = 0
+    kept_weight: float = 0.0
 
     KEY: ClassVar[str] = "perm.method"
 
@@ -188,7 +193,7 @@ class LearnedPermutation:
                 raise bad(name, "temperatures must be > 0")
         if not float(self.init_scale) > 0:
             raise bad("init_scale", "it must be > 0")
-        for name in ("noise", "gumbel_scale"):
+        for name in ("noise", "gumbel_scale", "kept_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise bad(name, "it must be >= 0")
         for name in ("normalize", "foldable"):
@@ -292,6 +297,7 @@ class LearnedPermutations(nn.Module):
             self._states[group.name] = _GroupState(group, scores, dtypes)
         self._attached = False
         self._masked: list[tuple[_MaskedWeight, nn.Module, int]] = []  # (parametrization, linear, groups)
+        self._kept_start: dict[str, Tensor] = {}  # the start's kept score per group (kept-score term only)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``.to(device)`` / ``.cuda()`` move the per-group scores and masks too (they are not buffers: the checkpoint
@@ -331,7 +337,39 @@ class LearnedPermutations(nn.Module):
         self._place_workspaces(next(iter(self.costs.values())).raw.device)
         self._attached = True
         self.refresh(tau=1.0, hard=True)
+        if self.method.kept_weight > 0:
+            with torch.no_grad():  # the start's kept score per group: the reference of the kept-score term
+                self._kept_start = {name: self._kept(state, exact=True) for name, state in self._states.items()}
         return self
+
+    def _kept(self, state: _GroupState, exact: bool = False) -> Tensor:
+        """Score kept by ``state``'s current masks: ``sum <S P, M>`` over the group's linears (``M`` in permuted
+        order, a constant), differentiable through ``P``; ``exact`` uses the hard permutation instead of ``P``."""
+        total = torch.zeros((), device=state.p.device)
+        for name, score_t in state.scores_t.items():
+            if state.soft:
+                mask_perm_t = state.masks[name].T.to(score_t.dtype)  # (d_in, d_out), permuted order
+            else:
+                mask_perm_t = state.masks_t[name].index_select(0, state.perm.to(score_t.device)).to(score_t.dtype)
+            if exact:
+                total = total + (score_t.index_select(0, state.perm.to(score_t.device)) * mask_perm_t).sum()
+                continue
+            blocks, g = state.p.shape[0], state.p.shape[1]
+            s_b = score_t.reshape(blocks, g, -1)
+            m_b = mask_perm_t.reshape(blocks, g, -1)
+            with torch.no_grad():  # C[b, i, j] = sum_r S[r, b g + i] M[r, b g + j]: the gradient of <S P, M> to P
+                c = torch.bmm(s_b, m_b.transpose(1, 2))
+            total = total + (state.p.to(c.dtype) * c).sum()
+        return total
+
+    def regularizer(self) -> Tensor | None:
+        """The kept-score term of the loss (``method.kept_weight``; see :class:`LearnedPermutation`), or ``None``
+        when its weight is 0. Call after :meth:`refresh`."""
+        weight = self.method.kept_weight
+        if weight == 0 or not self._attached:
+            return None
+        ratios = [self._kept(state) / self._kept_start[name].clamp_min(1e-12) for name, state in self._states.items()]
+        return weight * (1 - torch.stack(ratios).mean())
 
     def _place_workspaces(self, device: torch.device) -> None:
         """Resolve ``grad_precision`` for ``device`` and give every bound linear a workspace there (or none)."""
