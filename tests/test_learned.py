@@ -242,3 +242,26 @@ def _kept_after_steps(kept_weight: float, steps: int = 8) -> float:
 
 def test_a_heavy_kept_score_term_keeps_more_score_than_none():
     assert _kept_after_steps(kept_weight=100.0) > _kept_after_steps(kept_weight=0.0)
+
+
+@pytest.mark.parametrize("distill", ["block_smooth_l1", "final_cosine", "logits_kl"])
+def test_every_distillation_term_is_zero_for_the_dense_student_and_positive_for_a_sparse_one(distill):
+    model = tiny_llama(seed=0)
+    module = CausalLMModule(model, alpha=1.0, distill=distill)
+    module.permutations = LearnedPermutations(model, MagnitudePruner(), "2:4",
+                                              method=LearnedPermutation(groups=2)).attach()
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with module.permutations.dense():  # student == teacher
+        _, _, zero = module._distill_and_task(batch)
+    assert float(zero) == pytest.approx(0.0, abs=1e-6)
+    loss, task, distill_term = module._distill_and_task(batch)
+    assert float(distill_term) > 1e-6 and torch.isfinite(loss)
+    loss.backward()
+    assert any(c.raw.grad is not None and c.raw.grad.abs().sum() > 0 for c in module.permutations.costs.values())
+
+
+def test_an_unknown_distillation_term_is_a_config_error():
+    from permsparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="perm.distill='mse' is invalid"):
+        CausalLMModule(tiny_llama(seed=0), distill="mse")

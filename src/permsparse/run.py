@@ -114,7 +114,7 @@ def learn_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Mo
 
     module = instantiate(cfg.model.module)(
         model=model, optimizer=instantiate(cfg.perm.optimizer), scheduler=instantiate(cfg.perm.scheduler),
-        alpha=cfg.perm.alpha,
+        alpha=cfg.perm.alpha, distill=cfg.perm.distill,
     )
     callback = PermutationLearning(method, pruner, pattern, stats, calibrate=calibrate,
                                    checkpoint_dir=out_dir / "checkpoints",

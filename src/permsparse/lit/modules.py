@@ -17,10 +17,14 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from permsparse.errors import ConfigError
 from permsparse.models.binding import get_spec
 from permsparse.sparsity.calibration import block_hidden_state
 
-__all__ = ["PermutationModule", "CausalLMModule", "ImageClassifierModule"]
+__all__ = ["PermutationModule", "CausalLMModule", "ImageClassifierModule", "DISTILL"]
+
+#: the distillation terms ``perm.distill`` accepts (docs/method.md §4.5)
+DISTILL = ("block_smooth_l1", "final_cosine", "logits_kl")
 
 
 class PermutationModule(pl.LightningModule):
@@ -30,14 +34,21 @@ class PermutationModule(pl.LightningModule):
         model: the frozen network (timm ViT or HF causal LM).
         optimizer: a partial optimiser factory (Hydra ``_partial_: true``), called with the cost parameters.
         scheduler: a partial LR-scheduler factory or ``None``; cosine over all steps by default config.
-        alpha: weight of the block-output distillation term (the paper's 1e-5); 0 disables the teacher pass.
+        alpha: weight of the distillation term (the paper's 1e-5); 0 disables the teacher pass.
+        distill: the distillation term (``perm.distill``): ``"block_smooth_l1"`` (the paper: SmoothL1 between the
+            dense and the sparse output of every block, summed), ``"final_cosine"`` (PermLLM: one minus the cosine
+            similarity of the last block's outputs, averaged over tokens) or ``"logits_kl"`` (KL divergence from
+            the dense model's output distribution to the sparse one's, averaged over positions).
         max_nonfinite: a non-finite loss skips its step with a warning; this many in a row abort training
             (the best permutation found so far is kept by the callback).
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 alpha: float = 1e-5, max_nonfinite: int = 5) -> None:
+                 alpha: float = 1e-5, distill: str = "block_smooth_l1", max_nonfinite: int = 5) -> None:
         super().__init__()
+        if distill not in DISTILL:
+            raise ConfigError(f"perm.distill={distill!r} is invalid; choose {', '.join(DISTILL[:-1])} or {DISTILL[-1]}")
+        self.distill = distill
         self.max_nonfinite = max_nonfinite
         self._nonfinite_in_a_row = 0
         self.model = model
@@ -83,17 +94,31 @@ class PermutationModule(pl.LightningModule):
         teacher: list[Tensor] = []
         if self.alpha > 0:
             with torch.no_grad(), self.permutations.dense():
-                _, teacher = self.forward_with_blocks(batch)
+                teacher_out, teacher = self.forward_with_blocks(batch)
         output, student = self.forward_with_blocks(batch)
         task = self.task_loss(output, batch)
         if self.alpha > 0:
-            distill = sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=False))
+            distill = self._distillation(output, student, teacher_out, teacher)
         loss = task + self.alpha * distill
         extra = self.permutations.regularizer()  # terms of the permutation method itself (None: none)
         if extra is not None:
             self.log("train/perm_regularizer", extra)
             loss = loss + extra
         return loss, task, distill
+
+    def _distillation(self, output: Any, student: list[Tensor], teacher_output: Any, teacher: list[Tensor]) -> Tensor:
+        if self.distill == "block_smooth_l1":
+            return sum(F.smooth_l1_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=False))
+        if self.distill == "final_cosine":
+            s, t = student[-1].float(), teacher[-1].float()
+            return (1 - F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=-1)).mean()
+        s, t = self._logits(output).float(), self._logits(teacher_output).float()
+        s, t = s.reshape(-1, s.shape[-1]).log_softmax(-1), t.reshape(-1, t.shape[-1]).log_softmax(-1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+    @staticmethod
+    def _logits(output: Any) -> Tensor:
+        return output.logits if hasattr(output, "logits") else output
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss, task, distill = self._distill_and_task(batch)
