@@ -1,6 +1,8 @@
 """Permutation-method benchmark, printed side by side in one run.
 
-(a) seeded random 64x128 score matrices; (b) every bound group of the real SmolLM2-135M with Wanda
+(a) seeded random 64x128 score matrices, and NVIDIA Apex's own test matrices (``np.random.seed(s);
+np.random.rand(128, 64)``: 128 output rows x 64 input channels, seeds 1-6, as in Apex's
+``permutation_tests/permutation_test.py``) with Apex's published efficacies printed beside ours; (b) every bound group of the real SmolLM2-135M with Wanda
 scores from Shakespeare calibration text; (c) one Sinkhorn forward+backward over a (4, 384, 384) cost
 with 20 iterations next to one 576x1536 matmul. For each method: mean efficacy (Apex's metric),
 mean kept-score ratio against identity, and wall time.
@@ -59,6 +61,28 @@ def random_part(pattern: NMPattern, count: int, seed: int) -> None:
                        ("|normal|", lambda: torch.randn(64, 128, generator=gen).abs())]:
         scores = [(f"random{i}", make()) for i in range(count)]
         print_table(f"(a) random 64x128 {kind} scores, {pattern}", run_methods(scores, pattern, seed, False), count)
+
+
+# Apex's README (permutation_tests): efficacy on its seed-1 matrix, 2:4
+APEX_PUBLISHED = {"Apex channel swap": 32.1, "Apex stripe-group search, window 8": 35.5,
+                  "Apex stripe-group search, window 12 (GPU)": 36.6}
+
+
+def apex_part(seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6)) -> None:
+    import numpy as np
+
+    pattern = NMPattern.parse("2:4")
+    scores = []
+    for s in seeds:
+        np.random.seed(s)
+        scores.append((f"apex seed {s}", torch.from_numpy(np.random.rand(128, 64)).float()))
+    print("\n(a') Apex's test matrices: np.random.seed(s); np.random.rand(128, 64), 2:4")
+    print(f"{'method':<58}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds) + f"{'mean':>9}")
+    for label, method in methods(seeds[0]).items():
+        effs = [100 * efficacy_of(kept_scores(m, method.find(m, pattern, name=n), pattern, n)) for n, m in scores]
+        print(f"{label:<58}" + "".join(f"{e:>8.1f}%" for e in effs) + f"{sum(effs) / len(effs):>8.1f}%")
+    for label, value in APEX_PUBLISHED.items():
+        print(f"{label + ' (published)':<58}{value:>8.1f}%" + " " * 9 * (len(seeds) - 1) + f"{'':>9}")
 
 
 def smollm2_part(pattern: NMPattern, seed: int, calib: int, seq_len: int) -> None:
@@ -120,6 +144,7 @@ def main() -> None:
     pattern = NMPattern.parse(args.pattern)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     random_part(pattern, args.random_count, args.seed)
+    apex_part()
     sinkhorn_part()
     if not args.skip_smollm2:
         smollm2_part(pattern, args.seed, args.calib, args.seq_len)
