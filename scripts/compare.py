@@ -82,7 +82,7 @@ def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
         row.update({"efficacy": run["efficacy"]["mean"], "kept_ratio": run["kept_ratio"]["mean"],
                     "seconds": sum(run["timings"].values()), "path": run["_path"]})
         rows.append(row)
-    order = {"none": 0, "ria": 1, "greedy": 2, "learned": 3}
+    order = {"none": 0, "ria": 1, "greedy": 2, "learned": 3, "permllm": 4}
     rows.sort(key=lambda r: (r["model"], r["pattern"], r["pruner"], order.get(r["perm"], 9), r["variant"], r["seed"]))
     return rows, metric, others
 

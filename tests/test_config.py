@@ -116,5 +116,8 @@ def test_every_permutation_method_is_built_by_its_target(perm):
     from permsparse.permutation.learned import LearnedPermutation
     from permsparse.run import build_permutation
 
-    method = build_permutation(compose_cfg([f"perm={perm}"], Path("/tmp/x")))
-    assert isinstance(method, LearnedPermutation if perm == "learned" else PermutationMethod)
+    cfg = compose_cfg([f"perm={perm}"], Path("/tmp/x"))
+    method = build_permutation(cfg)
+    learned = cfg.perm.method._target_.endswith("LearnedPermutation")
+    assert isinstance(method, LearnedPermutation if learned else PermutationMethod)
+    assert learned == (perm in ("learned", "permllm"))

@@ -265,3 +265,61 @@ def test_an_unknown_distillation_term_is_a_config_error():
 
     with pytest.raises(ConfigError, match="perm.distill='mse' is invalid"):
         CausalLMModule(tiny_llama(seed=0), distill="mse")
+
+
+def test_the_soft_mask_gradient_equals_autograd_through_a_straight_through_soft_top_n():
+    """dL/dP of ((W P) * M) P^T with M = M_hard + M_soft - M_soft.detach(), M_soft = N softmax(S P / t) per M-group,
+    written out densely with autograd, equals the fused estimate (hard part + soft_mask_gradient)."""
+    from permsparse.permutation.apply import hard_permuted_masked_weight, soft_mask_gradient
+    from permsparse.permutation.base import block_to_global
+    from permsparse.permutation.hungarian import perm_to_matrix
+    from permsparse.sparsity.nm import nm_mask
+
+    gen = torch.Generator().manual_seed(0)
+    d_out, groups, size, n, m, t = 6, 2, 8, 2, 4, 0.3
+    weight, scores = torch.randn(d_out, groups * size, generator=gen), torch.rand(d_out, groups * size, generator=gen)
+    local = torch.stack([torch.randperm(size, generator=gen) for _ in range(groups)])
+    perm = block_to_global(local)
+    upstream = torch.randn(d_out, groups * size, generator=gen)
+
+    p = perm_to_matrix(local, torch.float32).requires_grad_(True)  # (G, g, g)
+    dense_p = torch.block_diag(*p)
+    sp = scores @ dense_p
+    hard = nm_mask(sp.detach(), f"{n}:{m}").float()
+    soft = n * (sp.reshape(d_out, -1, m) / t).softmax(-1).reshape(d_out, -1)
+    w_eff = ((weight @ dense_p) * (hard + soft - soft.detach())) @ dense_p.T
+    (w_eff * upstream).sum().backward()
+    expected = p.grad.clone()
+
+    p.grad = None
+    fused = hard_permuted_masked_weight(weight, p, perm, mask_permuted=hard)
+    fused = soft_mask_gradient(fused, p, weight, scores, perm, n, m, t)
+    assert torch.allclose(fused, w_eff.detach(), atol=1e-6)
+    (fused * upstream).sum().backward()
+    assert torch.allclose(p.grad, expected, atol=1e-5), (p.grad - expected).abs().max()
+    p.grad = None
+    (hard_permuted_masked_weight(weight, p, perm, mask_permuted=hard) * upstream).sum().backward()
+    assert not torch.allclose(p.grad, expected, atol=1e-3)  # the mask path carries a gradient of its own
+
+
+def test_a_learned_run_with_the_mask_gradient_lowers_its_loss(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.run import train
+
+    results = train(compose_cfg([*TINY_LM, "perm.method.groups=2", "perm.method.mask_grad=true",
+                                 "learning.train_samples=16", "learning.val_every_n_steps=2"], tmp_path))
+    history = results["learning"]["history"]
+    assert results["learning"]["best_val_loss"] < history[0]["val_loss"]
+
+
+def test_perm_permllm_runs_end_to_end_on_the_shared_machinery(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.run import train
+
+    cfg = compose_cfg([*TINY_LM, "perm=permllm", "perm.method.block_size=32"], tmp_path)
+    assert (cfg.perm.distill, cfg.perm.task_weight, cfg.perm.method.mask_grad) == ("final_cosine", 0.0, True)
+    results = train(cfg)
+    assert results["perm"] == "permllm" and results["learning"]["steps"] > 0
+    assert results["learning"]["best_val_loss"] <= results["learning"]["history"][0]["val_loss"]

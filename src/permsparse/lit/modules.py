@@ -35,6 +35,7 @@ class PermutationModule(pl.LightningModule):
         optimizer: a partial optimiser factory (Hydra ``_partial_: true``), called with the cost parameters.
         scheduler: a partial LR-scheduler factory or ``None``; cosine over all steps by default config.
         alpha: weight of the distillation term (the paper's 1e-5); 0 disables the teacher pass.
+        task_weight: weight of the task cross-entropy (1; PermLLM trains on its distillation term alone: 0).
         distill: the distillation term (``perm.distill``): ``"block_smooth_l1"`` (the paper: SmoothL1 between the
             dense and the sparse output of every block, summed), ``"final_cosine"`` (PermLLM: one minus the cosine
             similarity of the last block's outputs, averaged over tokens) or ``"logits_kl"`` (KL divergence from
@@ -44,8 +45,12 @@ class PermutationModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 alpha: float = 1e-5, distill: str = "block_smooth_l1", max_nonfinite: int = 5) -> None:
+                 alpha: float = 1e-5, distill: str = "block_smooth_l1", task_weight: float = 1.0,
+                 max_nonfinite: int = 5) -> None:
         super().__init__()
+        if not task_weight >= 0 or not alpha >= 0 or task_weight == alpha == 0:
+            raise ConfigError(f"perm.task_weight={task_weight} and perm.alpha={alpha}: both must be >= 0 and not both 0")
+        self.task_weight = task_weight
         if distill not in DISTILL:
             raise ConfigError(f"perm.distill={distill!r} is invalid; choose {', '.join(DISTILL[:-1])} or {DISTILL[-1]}")
         self.distill = distill
@@ -99,7 +104,7 @@ class PermutationModule(pl.LightningModule):
         task = self.task_loss(output, batch)
         if self.alpha > 0:
             distill = self._distillation(output, student, teacher_out, teacher)
-        loss = task + self.alpha * distill
+        loss = self.task_weight * task + self.alpha * distill
         extra = self.permutations.regularizer()  # terms of the permutation method itself (None: none)
         if extra is not None:
             self.log("train/perm_regularizer", extra)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["apply_block_matrix", "apply_block_matrix_t", "permuted_masked_weight", "hard_permuted_masked_weight",
-           "block_permute_scores", "gradient_workspace", "native_bf16_matmul"]
+           "block_permute_scores", "gradient_workspace", "native_bf16_matmul", "soft_mask_gradient"]
 
 
 def native_bf16_matmul(device: torch.device | str) -> bool:
@@ -152,3 +152,48 @@ def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_pe
         raise ValueError(f"gradient workspace of shape {tuple(workspace.shape)} does not fit a {tuple(weight.shape)} "
                          f"weight in {groups} groups; build it with gradient_workspace(weight, {groups})")
     return _HardPermutedMask.apply(weight.T, p, local, mask_original.detach().to(weight.dtype).T, workspace).T
+
+
+class _SoftMaskGradient(torch.autograd.Function):
+    """Identity on the masked weight in the forward pass; in the backward pass, beside passing the weight's
+    gradient through, the gradient a straight-through *soft* N:M mask gives ``P``.
+
+    The mask the forward pass uses is the hard top-N of every M-group of the permuted scores ``S P``. Its soft
+    stand-in is ``N * softmax(S P / t)`` over each M-group (a soft top-N), and ``M = M_hard + M_soft -
+    stop_gradient(M_soft)``: the value stays the hard mask, the gradient flows through ``M_soft``. With ``G`` the
+    gradient of the masked weight, ``dL/dM = (G * W)[:, perm]`` (permuted order), the softmax Jacobian gives
+    ``dL/d(S P)``, and ``dL/dP = S^T dL/d(S P)`` per block. All tensors are in transposed ``(d_in, d_out)`` layout.
+    """
+
+    @staticmethod
+    def forward(ctx, w_eff_t: Tensor, p: Tensor, weight_t: Tensor, scores_t: Tensor, perm: Tensor, n: int, m: int,
+                temperature: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight_t, scores_t, perm)
+        ctx.n, ctx.m, ctx.t, ctx.p_shape, ctx.p_dtype = n, m, temperature, p.shape, p.dtype
+        return w_eff_t.view_as(w_eff_t)
+
+    @staticmethod
+    def backward(ctx, grad_t: Tensor):  # type: ignore[override]
+        weight_t, scores_t, perm = ctx.saved_tensors
+        n, m, t = ctx.n, ctx.m, ctx.t
+        d_in, d_out = scores_t.shape
+        with torch.no_grad():
+            g_mask = (grad_t.float() * weight_t.float()).index_select(0, perm)  # dL/dM^T in permuted order
+            u = scores_t.index_select(0, perm).float().reshape(d_in // m, m, d_out) / t
+            s = u.softmax(dim=1)
+            g = g_mask.reshape(d_in // m, m, d_out)
+            du = (n / t) * s * (g - (g * s).sum(dim=1, keepdim=True))  # dL/d(S P)^T, grouped
+            blocks, size = ctx.p_shape[0], ctx.p_shape[1]
+            grad_p = torch.bmm(scores_t.float().reshape(blocks, size, d_out),
+                               du.reshape(blocks, size, d_out).transpose(1, 2))
+        return grad_t, grad_p.to(ctx.p_dtype), None, None, None, None, None, None
+
+
+def soft_mask_gradient(w_eff: Tensor, p: Tensor, weight: Tensor, scores: Tensor, perm: Tensor, n: int, m: int,
+                       temperature: float) -> Tensor:
+    """``w_eff`` unchanged, with the straight-through soft-mask gradient to ``p`` added in the backward pass
+    (see :class:`_SoftMaskGradient`). ``weight`` and ``scores`` are ``(d_out, d_in)``; ``perm`` the hard permutation
+    ``p`` stands for; ``temperature`` the soft top-N's, in units of the scores."""
+    out = _SoftMaskGradient.apply(w_eff.T, p, weight.detach().T, scores.detach().T, perm.to(weight.device), n, m,
+                                  temperature)
+    return out.T

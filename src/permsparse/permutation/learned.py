@@ -28,6 +28,7 @@ from permsparse.permutation.apply import (
     hard_permuted_masked_weight,
     native_bf16_matmul,
     permuted_masked_weight,
+    soft_mask_gradient,
 )
 from permsparse.permutation.base import (
     PermutationMethod,
@@ -78,6 +79,7 @@ class _GroupState:
         # linear name -> frozen score, transposed to (d_in, d_out): a channel's scores are one contiguous row,
         # so gathering the channels of changed M-blocks copies whole rows (see ``_write_masks``)
         self.scores_t = {name: score.T.contiguous() for name, score in scores.items()}
+        self.mean_score = {name: float(score.mean().clamp_min(1e-12)) for name, score in scores.items()}
         # (G, g, g): soft mode, the Sinkhorn matrix the forward uses; hard mode, the carrier of the straight-through
         # gradient (the Sinkhorn matrix while learning, the permutation matrix after ``set_permutations``)
         self.p: Tensor | None = None
@@ -116,8 +118,15 @@ class _MaskedWeight(nn.Module):
         p = state.p.to(weight.dtype)
         if state.soft:
             return permuted_masked_weight(weight, p, state.masks[self.linear_name])
-        return hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_t[self.linear_name].T,
-                                           workspace=self.workspace)
+        out = hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_t[self.linear_name].T,
+                                          workspace=self.workspace)
+        method = self._owner.method
+        if method.mask_grad and torch.is_grad_enabled():
+            score_t = state.scores_t[self.linear_name]
+            pattern = self._owner.pattern
+            out = soft_mask_gradient(out, p, weight, score_t.T, state.perm, pattern.n, pattern.m,
+                                     method.mask_tau * state.mean_score[self.linear_name])
+        return out
 
 
 @dataclass
@@ -132,6 +141,8 @@ class LearnedPermutation:
 
     Attributes:
         groups: channel groups G per layer: each layer's permutation is block-diagonal with G blocks.
+        block_size: instead of a fixed count, blocks of this many channels (PermLLM's convention; ``None``: use
+            ``groups``). A layer of ``d_in`` channels then has ``d_in / block_size`` blocks.
         init: ``"identity"`` (cost ``-I`` plus noise: the first hard permutation is the identity, so step 0 is
             the pruner without a permutation), ``"ria"`` / ``"greedy"`` (RIA channel permutation / greedy channel
             swap run inside each block: learning starts where the heuristic ends) or, in Python, a mapping
@@ -149,6 +160,10 @@ class LearnedPermutation:
             (:class:`~permsparse.permutation.schedule.TemperatureSchedule`).
         foldable: ``perm.foldable``: attention-output groups learn within-head permutations tied per kv head.
         seed: seed of the cost initialisation and of the Gumbel noise.
+        mask_grad: a gradient through the mask selection too (hard mode): the forward pass keeps the hard N:M
+            mask, the backward pass adds the gradient of a straight-through soft top-N over each M-group of the
+            permuted scores (``N * softmax(S P / t)``; PermLLM's idea), which the paper's constant mask lacks.
+        mask_tau: the soft top-N's temperature ``t``, in units of each layer's mean score.
         kept_weight: weight of the kept-score term :meth:`LearnedPermutations.regularizer` adds to the loss:
             ``kept_weight * (1 - mean over groups of kept(P) / kept(start))``, with ``kept(P)`` the pruner's score
             that the current masks keep, differentiable through ``P``. It pulls the permutation towards keeping
@@ -156,6 +171,7 @@ class LearnedPermutation:
     """
 
     groups: int = 4
+    block_size: int | None = None
     init: str | Mapping[str, Tensor] = "identity"
     init_scale: float = 0.05
     noise: float = 0.01
@@ -170,6 +186,8 @@ class LearnedPermutation:
     tau_schedule: str = "exponential"
     foldable: bool = False
     seed: int = 0
+    mask_grad: bool = False
+    mask_tau: float = 1.0
     kept_weight: float = 0.0
 
     KEY: ClassVar[str] = "perm.method"
@@ -178,11 +196,13 @@ class LearnedPermutation:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{self.KEY}.{name}={getattr(self, name)!r} is invalid: {why}")
 
-        for name in ("groups", "sinkhorn_iters", "seed") + (("warm_iters",) if self.warm_iters is not None else ()):
+        optional = tuple(n for n in ("warm_iters", "block_size") if getattr(self, n) is not None)
+        for name in ("groups", "sinkhorn_iters", "seed") + optional:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
                 raise bad(name, f"it must be an integer >= {0 if name == 'seed' else 1}"
-                          + ("; null runs every step from scratch" if name == "warm_iters" else ""))
+                          + ("; null runs every step from scratch" if name == "warm_iters" else "")
+                          + ("; null uses groups" if name == "block_size" else ""))
         for name, choices in (("mode", MODES), ("grad_precision", tuple(_GRAD_PRECISIONS)),
                               ("tau_schedule", SCHEDULES)) + ((("init", INITS),) if isinstance(self.init, str) else ()):
             if getattr(self, name) not in choices:
@@ -196,9 +216,28 @@ class LearnedPermutation:
         for name in ("noise", "gumbel_scale", "kept_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise bad(name, "it must be >= 0")
-        for name in ("normalize", "foldable"):
+        if not float(self.mask_tau) > 0:
+            raise bad("mask_tau", "it must be > 0")
+        if self.mask_grad is True and self.mode != "hard":
+            raise ConfigError(f"{self.KEY}.mask_grad=true needs {self.KEY}.mode=hard (the soft mode's mask is "
+                              "recomputed from the Sinkhorn matrix and has no straight-through estimate here)")
+        for name in ("normalize", "foldable", "mask_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "it must be true or false")
+
+    def blocks_for(self, d_in: int, m: int, name: str = "layer") -> int:
+        """The number of blocks of a layer of ``d_in`` input channels under N:M with this ``m``; a
+        :class:`~permsparse.errors.ConfigError` naming the key if they do not divide it into whole M-groups."""
+        if self.block_size is not None:
+            if d_in % self.block_size or self.block_size % m:
+                raise ConfigError(f"{name}: d_in={d_in} is not a multiple of {self.KEY}.block_size={self.block_size}, "
+                                  f"or the block size is not a multiple of M={m}; choose a block size dividing {d_in} "
+                                  f"that M divides, or {self.KEY}.block_size=null")
+            return d_in // self.block_size
+        if d_in % (self.groups * m):
+            raise ConfigError(f"{name}: d_in={d_in} is not divisible by groups x M = {self.groups} x {m}; "
+                              f"choose {self.KEY}.groups dividing {d_in // m}")
+        return self.groups
 
     def schedule(self, total_steps: int = 1) -> TemperatureSchedule:
         """The temperature schedule over ``total_steps`` optimiser steps."""
@@ -252,7 +291,7 @@ class LearnedPermutations(nn.Module):
         super().__init__()
         method = LearnedPermutation() if method is None else method
         self.method = method
-        groups, init, foldable = method.groups, method.init, method.foldable
+        init, foldable = method.init, method.foldable
         self.grad_precision = method.grad_precision
         self.grad_dtype: torch.dtype | None = None  # resolved by attach
         self.pattern = NMPattern.parse(pattern)
@@ -273,11 +312,8 @@ class LearnedPermutations(nn.Module):
                 check_nm_scores(scores[name], self.pattern, name)  # once: the mask updates skip nm_mask's check
                 dtypes[name] = weight.dtype
             d_in = next(iter(scores.values())).shape[1]
-            if d_in % (groups * self.pattern.m) and not (foldable and is_head_restricted(group)):
-                raise ConfigError(
-                    f"{group.name}: d_in={d_in} is not divisible by groups x M = {groups} x {self.pattern.m}; "
-                    f"choose {method.KEY}.groups dividing {d_in // self.pattern.m}"
-                )
+            by_heads = foldable and is_head_restricted(group)
+            groups = method.groups if by_heads else method.blocks_for(d_in, self.pattern.m, group.name)
             if init in ("ria", "greedy"):  # the heuristic inside each of the blocks, so the start is block-diagonal
                 heuristic = _heuristic(init, method.seed)
                 group_init: str | Tensor = find_block_diagonal(heuristic, torch.cat(list(scores.values())),
