@@ -55,7 +55,6 @@ def test_every_model_matches_a_dataset_of_its_task():
         (["perm.method.mode=medium"], "perm.method.mode='medium' is invalid; choose hard or soft"),
         (["perm.method.grad_precision=fp8"], "perm.method.grad_precision='fp8' is invalid; choose auto, float32 or bfloat16"),
         (["perm.method.tau_end=0"], "temperatures must be > 0"),
-        (["calibration.sequential=true"], "not supported with perm=learned"),
         (["resume=/nonexistent/run"], "resume=/nonexistent/run is not a folder"),
     ],
 )
@@ -121,3 +120,10 @@ def test_every_permutation_method_is_built_by_its_target(perm):
     learned = cfg.perm.method._target_.endswith("LearnedPermutation")
     assert isinstance(method, LearnedPermutation if learned else PermutationMethod)
     assert learned == (perm in ("learned", "permllm"))
+
+
+def test_sparsegpt_selects_the_published_block_by_block_calibration_unless_overridden():
+    assert compose_cfg(["pruner=sparsegpt"], Path("/tmp/x")).calibration.sequential is True
+    assert compose_cfg(["pruner=sparsegpt", "calibration.sequential=false"], Path("/tmp/x")).calibration.sequential is False
+    for pruner in ("magnitude", "wanda", "ria"):
+        assert compose_cfg([f"pruner={pruner}"], Path("/tmp/x")).calibration.sequential is False

@@ -134,3 +134,20 @@ def test_every_committed_run_record_reads_back():
         record = RunRecord.read(run_dir)
         assert record.metrics == data["metrics"] and record.pattern == data["pattern"]
         assert {k: v for k, v in record.to_dict().items() if k in data} == data
+
+
+def test_a_learned_permutation_is_applied_in_block_by_block_pruning(tmp_path):
+    """calibration.sequential=true with perm=learned: learning on the dense statistics, then the learned
+    permutations in the sequential pruning, which recalibrates every block on the pruned blocks before it."""
+    cfg = compose_cfg([*TINY_LM, "perm=learned", "pruner=sparsegpt", "eval.identity_baseline=false",
+                       "learning.train_samples=4"], tmp_path)
+    assert cfg.calibration.sequential is True
+    results = train(cfg)
+    _check_results(tmp_path, "learned", "sparsegpt")
+    assert "calibrate" in results["timings"]  # the dense statistics the learning used
+    dense_calibrated = compose_cfg([*TINY_LM, "perm=learned", "pruner=sparsegpt", "eval.identity_baseline=false",
+                                    "learning.train_samples=4", "calibration.sequential=false"], tmp_path / "one_pass")
+    other = train(dense_calibrated)
+    perms, other_perms = torch.load(tmp_path / "perms.pt"), torch.load(tmp_path / "one_pass" / "perms.pt")
+    assert all(torch.equal(perms[k], other_perms[k]) for k in perms)  # same learning, same permutations
+    assert results["metrics"]["pruned"] != other["metrics"]["pruned"]  # but other weight updates

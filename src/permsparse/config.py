@@ -82,11 +82,6 @@ def validate_config(cfg: DictConfig) -> None:
                 f"perm=learned with learning.max_epochs={epochs} and learning.max_steps={steps} trains nothing; "
                 "set learning.max_epochs >= 1 or learning.max_steps >= 1"
             )
-        if cfg.calibration.sequential:
-            raise ConfigError(
-                "calibration.sequential=true is not supported with perm=learned: the learned method collects "
-                "its statistics once on the dense model (docs/method.md §2); use calibration.sequential=false"
-            )
         every = cfg.learning.get("checkpoint_every_n_steps")
         if every is not None:
             _positive_int(cfg, "learning.checkpoint_every_n_steps")

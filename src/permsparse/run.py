@@ -328,7 +328,8 @@ def train(cfg: DictConfig) -> dict:
     calibrate = _calibrator(cfg, setup)
 
     pruner = setup.pruner
-    needs_stats = (pruner.needs_stats or pruner.needs_hessian) and not cfg.calibration.sequential
+    # Sequential pruning calibrates block by block itself; a learned method still learns on the dense statistics.
+    needs_stats = (pruner.needs_stats or pruner.needs_hessian) and (learned or not cfg.calibration.sequential)
     # Under DDP/FSDP the process group only exists inside fit: each rank calibrates its share there and the
     # statistics are summed across ranks.
     sharded = learned and needs_stats and _distributed(cfg)
