@@ -263,8 +263,9 @@ class LearnedPermutations(nn.Module):
         pattern: the N:M pattern.
         stats: calibration statistics per linear name (if the pruner needs them).
         method: the settings (:class:`LearnedPermutation`; its defaults when omitted). Of them, this module uses
-            ``groups``, ``init`` / ``init_scale`` / ``noise`` / ``normalize`` / ``seed`` (passed to
-            :class:`LearnableCost`, group ``i`` seeded ``seed + i``), ``foldable`` and ``grad_precision``:
+            ``groups`` / ``block_size``, ``init`` / ``init_scale`` / ``noise`` / ``normalize`` / ``seed`` (passed to
+            :class:`LearnableCost`, group ``i`` seeded ``seed + i``), ``mask_grad`` / ``mask_tau`` (in the masked
+            forward), ``kept_weight`` (:meth:`regularizer`), ``foldable`` and ``grad_precision``:
 
             * ``foldable`` restricts the attention-output groups (``o_proj`` / ``attn.proj``, producer
               :class:`~permsparse.models.binding.ValueRows`) to permutations export can fold: their blocks are the
