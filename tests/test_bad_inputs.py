@@ -96,10 +96,10 @@ def test_an_empty_image_dataset_stops_the_run_before_the_model_loads(tmp_path, m
     import permsparse.run as run
     from permsparse.config import ConfigError
 
-    def no_model(cfg):
+    def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the dataset was checked")
 
-    monkeypatch.setattr(run, "_load_model", no_model)
+    monkeypatch.setattr(run, "build_model", no_model)
     root = tmp_path / "imagenet"
     for split in ("train", "val"):
         (root / split / "n01440764").mkdir(parents=True)  # class folders, but no images

@@ -12,7 +12,7 @@ from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
 
-__all__ = ["ConfigError", "validate_config"]
+__all__ = ["ConfigError", "validate_config", "build_method"]
 
 _TASKS = {"causal_lm", "image_classification"}
 
@@ -65,7 +65,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{RESIDUAL_KEY}={residual!r} is invalid; choose per_layer (one permutation per residual-"
                           "reading group, gathered at export) or shared (one residual-stream permutation for all "
                           "of them, folded at export)")
-    learned = isinstance(_build_method(cfg), LearnedPermutation)
+    learned = isinstance(build_method(cfg), LearnedPermutation)
     if residual == "shared" and learned:
         raise ConfigError(f"{RESIDUAL_KEY}=shared is not supported with perm=learned (the learned method keeps one "
                           "permutation per group); use a heuristic (perm=greedy or perm=ria) or perm.residual=per_layer")
@@ -91,8 +91,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check_image_folder(cfg)
 
 
-def _build_method(cfg: DictConfig) -> object:
-    """``perm.method`` built (cheap: settings only); its class raises :class:`ConfigError` for a bad value."""
+def build_method(cfg: DictConfig) -> object:
+    """``perm.method`` built by its ``_target_`` (cheap: settings only); its class raises :class:`ConfigError` for a
+    bad value, which comes out as that error rather than wrapped in Hydra's."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 

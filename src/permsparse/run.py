@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from permsparse.config import validate_config
+from permsparse.config import build_method, validate_config
 from permsparse.errors import ConfigError
 from permsparse.export import save_pruned_state
 from permsparse.models.binding import get_spec
@@ -33,7 +33,7 @@ from permsparse.permutation.foldable import is_head_restricted, restrict_if_fold
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import shared_residual_if
 from permsparse.prune import PruneReport, check_model_divisible, prune_model, prune_model_sequential
-from permsparse.runs import PERMS, PRUNED, RESULTS, RunRecord
+from permsparse.runs import CHECKPOINT, PERMS, PRUNED, RESULTS, RunRecord, build_model
 from permsparse.sparsity.calibration import collect_stats
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_torch_save
@@ -69,14 +69,6 @@ class _Timer:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def _load_model(cfg: DictConfig) -> tuple[nn.Module, Any]:
-    loaded = instantiate(cfg.model.load)
-    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-    if cfg.model.get("tokenizer") is not None:
-        tokenizer = instantiate(cfg.model.tokenizer)
-    return model.eval(), tokenizer
 
 
 def _build_logger(cfg: DictConfig) -> Any:
@@ -117,7 +109,7 @@ def learn_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Mo
         alpha=cfg.perm.alpha, distill=cfg.perm.distill, task_weight=cfg.perm.task_weight,
     )
     callback = PermutationLearning(method, pruner, pattern, stats, calibrate=calibrate,
-                                   checkpoint_dir=out_dir / "checkpoints",
+                                   checkpoint_dir=(out_dir / CHECKPOINT).parent,
                                    checkpoint_every_n_steps=cfg.learning.get("checkpoint_every_n_steps"))
     trainer_kwargs: dict[str, Any] = {
         "max_epochs": cfg.learning.max_epochs,
@@ -164,7 +156,7 @@ def _resume_checkpoint(cfg: DictConfig) -> Path | None:
     """The checkpoint to resume from, checked readable before any model is loaded."""
     if not cfg.get("resume"):
         return None
-    path = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+    path = Path(cfg.resume) / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}; was the run's permutation training started?")
     try:
@@ -209,7 +201,7 @@ def _print_table(results: dict) -> None:
 def build_permutation(cfg: DictConfig) -> PermutationMethod | LearnedPermutation:
     """``perm.method`` built by its ``_target_``; a heuristic is wrapped for ``perm.foldable=true`` (within-head
     attention-output permutations) and ``perm.residual=shared`` (one residual-stream permutation)."""
-    method = instantiate(cfg.perm.method)
+    method = build_method(cfg)
     if isinstance(method, LearnedPermutation):
         return method  # perm.foldable reaches it through the yaml (method.foldable: ${..foldable})
     if not isinstance(method, PermutationMethod):
@@ -231,7 +223,7 @@ class _Setup:
 
 
 def _load(cfg: DictConfig, method: Any, pattern: NMPattern) -> _Setup:
-    model, tokenizer = _load_model(cfg)
+    model, tokenizer = build_model(cfg.model)
     _check_context(cfg, model)
     groups = get_spec(model).groups(model)
     foldable = bool(cfg.perm.get("foldable", False))

@@ -30,7 +30,7 @@ from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_write_json, read_json
 
 __all__ = ["RESULTS", "PERMS", "PRUNED", "CHECKPOINT", "FORMAT_VERSION", "RunRecord", "LoadedRun", "load_run",
-           "find_runs", "architecture_only", "export_run"]
+           "find_runs", "architecture_only", "build_model", "export_run"]
 
 RESULTS = "results.json"
 PERMS = "perms.pt"
@@ -113,6 +113,19 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob(RESULTS))
 
 
+def build_model(model_cfg: Mapping[str, Any], load: Mapping[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """``(model in eval mode, tokenizer or None)`` from a ``model`` config node: its ``load`` loader (or ``load``
+    given here, e.g. :func:`architecture_only` of it), which may return the pair itself, and its ``tokenizer``
+    node when it has one."""
+    from hydra.utils import instantiate
+
+    loaded = instantiate(model_cfg["load"] if load is None else load, _convert_="all")
+    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if model_cfg.get("tokenizer") is not None:
+        tokenizer = instantiate(model_cfg["tokenizer"], _convert_="all")
+    return model.eval(), tokenizer
+
+
 def _loader(node: Mapping[str, Any]) -> Any:
     from hydra.utils import get_object
 
@@ -162,14 +175,7 @@ class LoadedRun:
 
     @functools.cached_property
     def _built(self) -> tuple[nn.Module, Any]:
-        from hydra.utils import instantiate
-
-        loaded = instantiate(self.build_node, _convert_="all")
-        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-        node = self.config["model"].get("tokenizer")
-        if node:
-            tokenizer = instantiate(node, _convert_="all")
-        model.eval()
+        model, tokenizer = build_model(self.config["model"], self.build_node)
         if self.weights == "pruned":
             from permsparse.export import load_pruned_state
 

@@ -160,12 +160,16 @@ class TextDataModule(pl.LightningDataModule):
             from permsparse.data import text
 
             split = text.load_token_split(self.corpus, self.tokenizer)
-            n_val = int(len(split.train) * self.val_fraction)
-            self._ids = {"train": split.train[: len(split.train) - n_val], "val": split.train[len(split.train) - n_val:],
-                         "eval": split.eval}
+            self._ids = dict(zip(("train", "val", "eval"), self._train_val_eval(split), strict=True))
             if self.second_domain:
                 self._ids["second"] = text.load_token_split(self.second_domain, self.tokenizer).eval
         return self._ids
+
+    def _train_val_eval(self, split: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """A corpus's train range without its last ``val_fraction`` (training, calibration), that last part
+        (validation) and its eval range."""
+        n_val = int(len(split.train) * self.val_fraction)
+        return split.train[: len(split.train) - n_val], split.train[len(split.train) - n_val:], split.eval
 
     def _windows(self, split: str, n: int, seq_len: int | None, seed_offset: int) -> Tensor:
         from permsparse.data.text import train_windows
@@ -249,10 +253,8 @@ class MixtureTextDataModule(TextDataModule):
             ids: dict[str, Tensor] = {}
             for source in self.sources:
                 split = text.load_token_split(source, self.tokenizer, train_fraction=0.9)
-                n_val = int(len(split.train) * self.val_fraction)
-                ids[f"train:{source}"] = split.train[: len(split.train) - n_val]
-                ids[f"val:{source}"] = split.train[len(split.train) - n_val:]
-                ids[f"eval:{source}"] = split.eval
+                for part, tokens in zip(("train", "val", "eval"), self._train_val_eval(split), strict=True):
+                    ids[f"{part}:{source}"] = tokens
             for domain in self.held_out:
                 ids[f"held:{domain}"] = text.load_token_split(domain, self.tokenizer, train_fraction=0.0).eval
             self._ids = ids

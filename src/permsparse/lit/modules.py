@@ -117,13 +117,9 @@ class PermutationModule(pl.LightningModule):
         if self.distill == "final_cosine":
             s, t = student[-1].float(), teacher[-1].float()
             return (1 - F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=-1)).mean()
-        s, t = self._logits(output).float(), self._logits(teacher_output).float()
+        s, t = output.float(), teacher_output.float()  # task_forward's logits
         s, t = s.reshape(-1, s.shape[-1]).log_softmax(-1), t.reshape(-1, t.shape[-1]).log_softmax(-1)
         return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-    @staticmethod
-    def _logits(output: Any) -> Tensor:
-        return output.logits if hasattr(output, "logits") else output
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         loss, task, distill = self._distill_and_task(batch)
