@@ -59,7 +59,7 @@ def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
     """One row per run; the headline metric; the other domains (metrics) every run reports."""
     if not runs:
         raise SystemExit("no results.json found below that folder")
-    metric = main_metric(runs[0]["metrics"]["dense"])
+    metric = main_metric(runs[0]["metrics"]["pruned"])
     is_ppl = metric.startswith("ppl")
     others = [k for k in runs[0]["metrics"]["pruned"] if k != metric
               and all(k in run["metrics"]["pruned"] for run in runs)]
@@ -67,7 +67,8 @@ def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
     for run in runs:
         m = run["metrics"]
         identity_of = m.get("identity", m["pruned"] if run["perm"] == "none" else {})
-        dense = m["dense"][metric]
+        dense_of = m.get("dense", {})  # absent in a selection run (eval.dense_baseline=false)
+        dense = dense_of.get(metric, float("nan"))
         pruned = m["pruned"][metric]
         identity = identity_of.get(metric, float("nan"))
         row = {
@@ -77,7 +78,7 @@ def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
         }
         for key in others:
             row[key] = m["pruned"][key]
-            row[f"gap_{key.removeprefix('ppl_')}"] = gap_closed(m["dense"][key], identity_of.get(key, float("nan")),
+            row[f"gap_{key.removeprefix('ppl_')}"] = gap_closed(dense_of.get(key, float("nan")), identity_of.get(key, float("nan")),
                                                                  m["pruned"][key], key.startswith("ppl"))
         row.update({"efficacy": run["efficacy"]["mean"], "kept_ratio": run["kept_ratio"]["mean"],
                     "seconds": sum(run["timings"].values()), "path": run["_path"]})

@@ -56,3 +56,68 @@ def test_a_tiny_learned_run_on_the_mixture_reports_every_domain(tmp_path):
     for phase in ("dense", "identity", "pruned"):
         assert list(results["metrics"][phase]) == ["ppl_kjv", "ppl_shakespeare", "ppl_pydoc"]
     assert results["protocol"]["held_out"] == ["kjv"]
+
+
+def test_a_fold_learns_without_its_validation_source_and_validates_on_it_alone():
+    dm = _dm(seed=3, validation_source="pydoc")
+    split = load_token_split("pydoc", tiny_tokenizer(), train_fraction=0.9)
+    n_val = int(len(split.train) * 0.05)
+    val_tokens, train_tokens = split.train[len(split.train) - n_val:], split.train[: len(split.train) - n_val]
+    # validation: pydoc's validation slice only, seeded as in the full mixture (pydoc is source 1)
+    val = dm._windows("val", 4, None, 2)
+    assert {tuple(r.tolist()) for r in val} == {tuple(r.tolist()) for r in
+                                                train_windows(val_tokens, 4, 32, seed=3 + 2 + 1000)}
+    # calibration and training: shakespeare only, nothing from pydoc's training range
+    train = dm._windows("train", 6, None, 1)
+    pydoc_rows = {tuple(train_tokens[i:i + 32].tolist()) for i in range(0, len(train_tokens) - 32, 1)}
+    assert not any(tuple(r.tolist()) in pydoc_rows for r in train)
+    shakespeare = load_token_split("shakespeare", tiny_tokenizer(), train_fraction=0.9)
+    sh_train = shakespeare.train[: len(shakespeare.train) - int(len(shakespeare.train) * 0.05)]
+    assert {tuple(r.tolist()) for r in train} == {tuple(r.tolist()) for r in train_windows(sh_train, 6, 32, seed=4)}
+    assert dm.describe()["validation_source"] == "pydoc"
+    assert list(dm.evaluate(tiny_llama(seed=0), batch_size=2, progress=False)) == ["ppl_kjv", "ppl_shakespeare",
+                                                                                    "ppl_pydoc"]
+
+
+@pytest.mark.parametrize(("sources", "validation_source", "match"), [
+    (SOURCES, "kjv", "is not one of the sources"),
+    (["shakespeare"], "shakespeare", "at least two sources"),
+])
+def test_a_fold_validation_source_must_be_one_of_several_sources(sources, validation_source, match):
+    with pytest.raises(ConfigError, match=match):
+        MixtureTextDataModule(tiny_tokenizer(), sources=sources, held_out=HELD_OUT, validation_source=validation_source)
+
+
+def test_fold_runs_skip_the_baselines_and_select_setting_ranks_settings_by_mean_fold_loss(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from permsparse.run import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import select_setting
+
+    base = [*TINY_LM, "dataset=mixture", "dataset.datamodule.sources=[shakespeare,pydoc]",
+            "dataset.datamodule.held_out=[kjv]", "dataset.datamodule.seq_len=32", "dataset.datamodule.eval_windows=2",
+            "dataset.datamodule.held_out_windows=2", "perm.method.groups=2", "eval.dense_baseline=false",
+            "eval.identity_baseline=false", "save_pruned=false"]
+    losses = {}
+    for scale in ("0.05", "1.0"):
+        for fold in ("shakespeare", "pydoc"):
+            out = tmp_path / f"s{scale}_{fold}"
+            own = [f"perm.method.init_scale={scale}", f"dataset.datamodule.validation_source={fold}"]
+            results = train(compose_cfg([*base, *own], out))
+            assert set(results["metrics"]) == {"pruned"}  # no dense, no identity evaluation
+            assert results["protocol"]["validation_source"] == fold
+            losses[(scale, fold)] = results["learning"]["best_val_loss"]
+            (out / ".hydra").mkdir()  # what Hydra writes for a command-line run: its overrides
+            (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in ["experiment=loso", *own]))
+    table, folds = select_setting.collect(select_setting.load_runs(tmp_path))
+    assert sorted(folds) == ["pydoc", "shakespeare"]
+    assert sorted(table) == ["perm.method.init_scale=0.05", "perm.method.init_scale=1.0"]
+    rows = select_setting.rank(table, folds)
+    expected = sorted(((losses[(s, "shakespeare")] + losses[(s, "pydoc")]) / 2, s) for s in ("0.05", "1.0"))
+    assert [(r["mean"], r["setting"]) for r in rows] == [
+        (pytest.approx(m), f"perm.method.init_scale={s}") for m, s in expected]
+    assert select_setting.main([str(tmp_path)]) == 0
+    assert f"chosen: perm.method.init_scale={expected[0][1]}" in capsys.readouterr().out

@@ -186,7 +186,7 @@ def _metrics_row(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
 
 def _print_table(results: dict) -> None:
     metrics = results["metrics"]
-    rows = [("dense", metrics.get("dense", {}))]
+    rows = [("dense", metrics["dense"])] if "dense" in metrics else []
     if "identity" in metrics:
         rows.append((f"{results['pruner']} {results['pattern']} (identity)", metrics["identity"]))
     rows.append((f"{results['pruner']} {results['pattern']} + perm={results['perm']}", metrics.get("pruned", {})))
@@ -250,11 +250,12 @@ def _calibrator(cfg: DictConfig, setup: _Setup) -> Callable[..., dict]:
 
 
 def _evaluate_baselines(cfg: DictConfig, setup: _Setup, stats: Mapping | None, timer: _Timer) -> dict:
-    """The dense model and, unless switched off, the same pruner without a permutation (the identity row)."""
+    """The dense model and the same pruner without a permutation (the identity row), each unless switched off."""
     model, datamodule = setup.model, setup.datamodule
     metrics = {}
-    with timer("eval_dense"):
-        metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+    if cfg.eval.get("dense_baseline", True):
+        with timer("eval_dense"):
+            metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
     if cfg.eval.identity_baseline and cfg.perm.name != "none":
         dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         with timer("prune_identity"):

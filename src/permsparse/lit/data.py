@@ -227,11 +227,17 @@ class MixtureTextDataModule(TextDataModule):
     for evaluation only (docs/protocols.md).
 
     ``evaluate`` returns ``ppl_<domain>`` for every held-out domain first, then ``ppl_<source>`` for every source.
+
+    ``validation_source`` (one of ``sources``) makes the run a leave-one-source-out fold: that source is taken out
+    of calibration and learning, and validation draws from it alone, so the learned run's validation loss
+    measures transfer to text it did not learn on, without touching a held-out domain (how settings are chosen,
+    docs/protocols.md). Evaluation still scores every source.
     """
 
     def __init__(self, tokenizer: Any, sources: list[str] | tuple[str, ...] = ("shakespeare", "kjv", "debian_reference"),
                  held_out: list[str] | tuple[str, ...] = ("pydoc", "manpages"), seq_len: int = 512,
-                 eval_windows: int = 8, held_out_windows: int = 16, seed: int = 0, val_fraction: float = 0.05) -> None:
+                 eval_windows: int = 8, held_out_windows: int = 16, seed: int = 0, val_fraction: float = 0.05,
+                 validation_source: str | None = None) -> None:
         from permsparse.errors import ConfigError
 
         super().__init__(tokenizer, corpus="mixture", seq_len=seq_len, eval_windows=eval_windows, second_domain=None,
@@ -239,6 +245,14 @@ class MixtureTextDataModule(TextDataModule):
         self.sources, self.held_out, self.held_out_windows = list(sources), list(held_out), held_out_windows
         if not self.sources:
             raise ConfigError("dataset.datamodule.sources is empty; name at least one training source")
+        self.validation_source = validation_source or None
+        if self.validation_source is not None:
+            if self.validation_source not in self.sources:
+                raise ConfigError(f"dataset.datamodule.validation_source={self.validation_source!r} is not one of the "
+                                  f"sources {self.sources}; a held-out domain may never be validated on")
+            if len(self.sources) < 2:
+                raise ConfigError("dataset.datamodule.validation_source needs at least two sources: one to validate "
+                                  "on and one to calibrate and learn on")
         overlap = sorted(set(self.sources) & set(self.held_out))
         if overlap:
             raise ConfigError(f"dataset.datamodule: {overlap} is both a training source and a held-out domain; a "
@@ -263,12 +277,25 @@ class MixtureTextDataModule(TextDataModule):
     def _windows(self, split: str, n: int, seq_len: int | None, seed_offset: int) -> Tensor:
         from permsparse.data.text import train_windows
 
-        ids, k = self._load(), len(self.sources)
+        ids, sources = self._load(), self._sources_for(split)
+        k = len(sources)
+        # Seeds follow a source's place in ``sources``, so a source's windows are seeded alike in a fold and in the
+        # full mixture.
         parts = [train_windows(ids[f"{split}:{source}"], n // k + (i < n % k), seq_len or self.seq_len,
-                               seed=self.seed + seed_offset + 1000 * i) for i, source in enumerate(self.sources)]
+                               seed=self.seed + seed_offset + 1000 * self.sources.index(source))
+                 for i, source in enumerate(sources)]
         windows = torch.cat(parts)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(self.seed + seed_offset + 7))
         return windows[order]
+
+    def _sources_for(self, split: str) -> list[str]:
+        """The sources a split draws from: all of them, or in a fold the validation source for validation and
+        the others for calibration and training."""
+        if self.validation_source is None:
+            return self.sources
+        if split == "val":
+            return [self.validation_source]
+        return [s for s in self.sources if s != self.validation_source]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
@@ -288,6 +315,7 @@ class MixtureTextDataModule(TextDataModule):
         ids = self._load()
         return {
             "corpus": "mixture", "sources": self.sources, "held_out": self.held_out, "seq_len": self.seq_len,
+            "validation_source": self.validation_source,
             "eval_windows": self.eval_windows, "held_out_windows": self.held_out_windows, "seed": self.seed,
             "tokenizer": getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__),
             "tokens": {k: int(v.numel()) for k, v in ids.items()},

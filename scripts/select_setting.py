@@ -1,0 +1,99 @@
+"""Choose a learned-method setting from leave-one-source-out folds, never from a held-out domain:
+``python scripts/select_setting.py multirun/loso [more folders...]``.
+
+Reads every ``results.json`` below the folders whose run validated on one mixture source
+(``dataset.datamodule.validation_source``, ``experiment=loso``), groups the runs by setting (their overrides
+without the fold), and prints one row per setting: its best validation loss on every fold and their mean
+(lower is better), sorted by that mean. A setting missing a fold is listed but not ranked. ``--csv`` writes the
+table too. Perplexities on held-out domains are deliberately not shown: they play no part in the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import load_runs, variant  # noqa: E402
+
+FOLD_KEY = "dataset.datamodule.validation_source="
+_NOT_A_SETTING = ("experiment=",)
+
+
+def setting_of(run: dict) -> str:
+    """The run's overrides without its fold and the experiment name: what a candidate setting is."""
+    words = [w for w in variant(run).split() if not w.startswith(FOLD_KEY) and not w.startswith(_NOT_A_SETTING)]
+    return " ".join(words) or "(defaults)"
+
+
+def fold_of(run: dict) -> str | None:
+    return (run.get("protocol") or {}).get("validation_source")
+
+
+def collect(runs: list[dict]) -> tuple[dict[str, dict[str, dict]], list[str]]:
+    """``{setting: {fold: {"val_loss", "seed", "path"}}}`` and the folds seen, in first-seen order. Two runs of one
+    setting on one fold (e.g. two seeds) are averaged."""
+    table: dict[str, dict[str, list[float]]] = {}
+    folds: list[str] = []
+    for run in runs:
+        fold, learning = fold_of(run), run.get("learning") or {}
+        if fold is None or "best_val_loss" not in learning:
+            continue
+        if fold not in folds:
+            folds.append(fold)
+        table.setdefault(setting_of(run), {}).setdefault(fold, []).append(float(learning["best_val_loss"]))
+    return {s: {f: sum(v) / len(v) for f, v in by_fold.items()} for s, by_fold in table.items()}, folds
+
+
+def rank(table: dict[str, dict[str, float]], folds: list[str]) -> list[dict]:
+    rows = []
+    for setting, by_fold in table.items():
+        complete = all(f in by_fold for f in folds)
+        mean = sum(by_fold[f] for f in folds) / len(folds) if complete else math.nan
+        rows.append({"setting": setting, **{f: by_fold.get(f, math.nan) for f in folds}, "mean": mean,
+                     "complete": complete})
+    rows.sort(key=lambda r: (not r["complete"], r["mean"] if r["complete"] else 0.0, r["setting"]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="folders with fold runs (experiment=loso multiruns)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+    runs = []
+    for folder in args.folders:
+        if not folder.is_dir():
+            print(f"error: {folder} is not a folder", file=sys.stderr)
+            return 2
+        runs += load_runs(folder)
+    table, folds = collect(runs)
+    if not table:
+        print("error: no learned run with dataset.datamodule.validation_source set below those folders "
+              "(run: python train.py -m experiment=loso ...)", file=sys.stderr)
+        return 2
+    rows = rank(table, folds)
+    cols = ["setting", *folds, "mean"]
+    widths = {c: max(len(c), *(len(r[c] if c == "setting" else f"{r[c]:.4f}") for r in rows)) for c in cols}
+    print("best validation loss per leave-one-source-out fold (lower is better)")
+    print("  ".join(c.ljust(widths[c]) if c == "setting" else c.rjust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) if c == "setting" else f"{r[c]:.4f}".rjust(widths[c]) for c in cols))
+    best = rows[0]
+    if best["complete"]:
+        print(f"\nchosen: {best['setting']} (mean {best['mean']:.4f} over {len(folds)} folds)")
+    else:
+        print("\nno setting has a run on every fold yet", file=sys.stderr)
+    if args.csv:
+        with open(args.csv, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=[*cols, "complete"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
