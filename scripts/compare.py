@@ -104,36 +104,83 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def plot(rows: list[dict], metric: str, out: Path) -> None:
+def _labels(rows: list[dict]) -> dict[int, str]:
+    """A short name per row: the method plus the overrides that distinguish it (seeds pooled; words every row
+    shares, and the ``perm.method.`` prefix, dropped)."""
+    words = {i: [w for w in r["variant"].split() if not w.startswith(("seed=", "perm=", "experiment="))]
+             for i, r in enumerate(rows)}
+    common = set.intersection(*(set(w) for w in words.values())) if words else set()
+    return {i: " ".join([rows[i]["perm"], *(w.removeprefix("perm.method.") for w in ws if w not in common)])
+            for i, ws in words.items()}
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for one value); NaNs dropped."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, 0.0
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var / len(vals))
+
+
+def plot(rows: list[dict], metric: str, out: Path, others: list[str] | None = None) -> None:
+    """One panel per domain: the share of the identity-to-dense gap each method closes (log-perplexity or
+    top-1), mean over seeds with standard-error bars, on an axis that spans the values (so 81.0 vs 82.6 top-1
+    does not look flat), and a panel of mean efficacy. Where runs have no dense or identity baseline the panel
+    shows the raw metric instead. One colour per (model, pattern, pruner)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(r["model"], r["pattern"], r["pruner"]) for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / max(len({r["perm"] for r in rows}), 1)
-    perms = list(dict.fromkeys(r["perm"] for r in rows))
-    for i, perm in enumerate(perms):
-        for ax, field in zip(axes, (metric, "efficacy"), strict=False):
-            xs, ys = [], []
-            for k, key in enumerate(keys):
-                vals = [r[field] for r in rows if (r["model"], r["pattern"], r["pruner"]) == key and r["perm"] == perm]
-                if vals:
-                    xs.append(k + i * width)
-                    ys.append(sum(vals) / len(vals))
-            ax.bar(xs, ys, width=width, label=perm)
-    dense = {key: next(r[f"dense_{metric}"] for r in rows if (r["model"], r["pattern"], r["pruner"]) == key)
-             for key in keys}
-    for k, key in enumerate(keys):
-        axes[0].hlines(dense[key], k - 0.1, k + 0.8, colors="k", linestyles="--", label="dense" if k == 0 else None)
-    for ax, title in zip(axes, (f"{metric} (pruned; dashed: dense)", "mean efficacy (Apex metric)"), strict=False):
-        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))])
-        ax.set_xticklabels(["\n".join(key) for key in keys], fontsize=8)
-        ax.set_title(title)
-    if metric.startswith("ppl"):
-        axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    names = _labels(rows)
+    labels = list(dict.fromkeys(names[i] for i, r in enumerate(rows) if r["perm"] != "none")) or \
+        list(dict.fromkeys(names.values()))
+    setups = sorted({(r["model"], r["pattern"], r["pruner"]) for r in rows})
+    panels = [metric, *(others or []), "efficacy"]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    height = 0.9 + 0.32 * len(labels) * max(1, len(setups) // 2 + 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, height * nrows), squeeze=False)
+    bar = 0.8 / max(len(setups), 1)
+    for n, panel in enumerate(panels):
+        ax = axes[n // ncols][n % ncols]
+        gap_key = "gap_closed" if panel == metric else f"gap_{panel.removeprefix('ppl_')}"
+        use_gap = panel != "efficacy" and any(not math.isnan(r.get(gap_key, math.nan)) for r in rows)
+        field, scale = (gap_key, 100.0) if use_gap else (panel, 1.0)
+        lo, hi = math.inf, -math.inf
+        for k, setup in enumerate(setups):
+            ys, means, errs = [], [], []
+            for j, label in enumerate(labels):
+                vals = [float(r[field]) for i, r in enumerate(rows)
+                        if names[i] == label and (r["model"], r["pattern"], r["pruner"]) == setup]
+                mean, sem = _mean_sem(vals)
+                if math.isnan(mean):
+                    continue
+                ys.append(j + (k - (len(setups) - 1) / 2) * bar)
+                means.append(mean * scale)
+                errs.append(sem * scale)
+                lo, hi = min(lo, means[-1] - errs[-1]), max(hi, means[-1] + errs[-1])
+            ax.barh(ys, means, height=bar, xerr=errs if any(errs) else None, capsize=3, label=" ".join(setup) if len(setups) > 1 else None)
+        if math.isfinite(lo):
+            lo = min(lo, 0.0) if (use_gap or panel == "efficacy") else lo
+            pad = 0.08 * max(hi - lo, 1e-9)
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.axvline(0, color="k", linewidth=0.6)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        name = panel.removeprefix("ppl_")
+        ax.set_title(f"{name}: % of the gap closed" if use_gap else
+                     ("mean efficacy" if panel == "efficacy" else f"{panel} (pruned)"), fontsize=9)
+        if len(setups) > 1 and n == 0:
+            ax.legend(fontsize=7)
+    for n in range(len(panels), nrows * ncols):
+        axes[n // ncols][n % ncols].axis("off")
+    fig.suptitle("mean over seeds, bars: standard error (no bar: one seed)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -150,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, metric, others = build_rows(load_runs(args.sweep_dir))
     print_table(rows, metric, others)
     png = args.png or args.sweep_dir / "compare.png"
-    plot(rows, metric, png)
+    plot(rows, metric, png, others)
     with open(args.sweep_dir / "compare.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
