@@ -23,7 +23,8 @@ Each group's producer is :class:`~permsparse.models.binding.Discovered` (an ``Op
 who reads a tensor, not how it was made, so export applies these permutations with runtime gathers and says so
 per group. Discovery refuses, with a :class:`~permsparse.errors.ConfigError` naming the model class, the layer
 and the missing piece, a block that holds a transformers ``Conv1D`` (weights stored transposed: GPT-2 needs an
-explicit spec) and a linear inside a block that the example never reached (e.g. an expert no token was routed to).
+explicit spec) and a linear inside a block whose forward the pass never called (an expert no token was routed to,
+or a weight the model uses through ``F.linear`` directly, as timm's EVA does for ``qkv`` with q/v biases).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 from permsparse.errors import ConfigError
 from permsparse.models.binding import BindingGroup, BindingSpec, Discovered
 
-__all__ = ["DiscoveredSpec", "discover_spec", "default_example", "find_block_list", "cached_spec",
-           "DISCOVERED_FAMILY", "HF_CAUSAL_LM_FAMILY", "TIMM_FAMILY"]
+__all__ = ["DiscoveredSpec", "discover_spec", "default_example", "timm_input_size", "find_block_list", "cached_spec",
+           "binding_differences", "DISCOVERED_FAMILY", "HF_CAUSAL_LM_FAMILY", "TIMM_FAMILY"]
 
 #: ``BindingSpec.family`` of a discovered spec, by what export knows how to feed, save and rebuild
 HF_CAUSAL_LM_FAMILY = "hf_causal_lm"
@@ -159,22 +160,38 @@ def _timm_cfg(model: nn.Module) -> Mapping[str, Any] | None:
     return cfg if isinstance(cfg, Mapping) else None
 
 
+def timm_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    """``(channels, height, width)`` a timm model accepts: ``pretrained_cfg["input_size"]``, corrected by a patch
+    embedding's own ``img_size`` / ``proj.in_channels`` (timm keeps the registry's size in ``pretrained_cfg`` when a
+    model is created with another ``img_size`` or ``in_chans``); ``None`` for a model without ``pretrained_cfg``."""
+    cfg = _timm_cfg(model)
+    if cfg is None or not cfg.get("input_size"):
+        return None
+    size = [int(s) for s in cfg["input_size"]]
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(s, int) for s in img_size):
+        size[1:] = img_size
+    channels = getattr(getattr(embed, "proj", None), "in_channels", None)
+    if isinstance(channels, int):
+        size[0] = channels
+    return tuple(size)
+
+
 def default_example(model: nn.Module) -> Any:
     """An input discovery can run ``model`` on, or ``None`` where none can be built.
 
     Hugging Face models reading ``input_ids``: ``{"input_ids": (1, 16)}`` seeded random token ids below
     ``config.vocab_size`` (random, not zeros, so that a router sends tokens to many experts); timm models: a
-    zero image ``(1, *pretrained_cfg["input_size"])``.
+    zero image ``(1, *pretrained_cfg["input_size"])`` (:func:`timm_input_size`).
     """
     device, dtype = _device_and_dtype(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if _is_hf(model) and getattr(model, "main_input_name", None) == "input_ids" and vocab:
         ids = torch.randint(0, int(vocab), (1, EXAMPLE_TOKENS), generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids.to(device)}
-    cfg = _timm_cfg(model)
-    if cfg is not None and cfg.get("input_size"):
-        return torch.zeros((1, *(int(s) for s in cfg["input_size"])), device=device, dtype=dtype)
-    return None
+    size = timm_input_size(model)
+    return None if size is None else torch.zeros((1, *size), device=device, dtype=dtype)
 
 
 def _family(model: nn.Module) -> str:
@@ -292,10 +309,11 @@ def discover_spec(model: nn.Module, example: Any = None) -> DiscoveredSpec:
     unreached = [n for n in in_blocks if n not in reached]
     if unreached:
         raise ConfigError(
-            f"binding discovery: the example input never reached {len(unreached)} linear(s) inside the blocks of "
-            f"{cls} ({', '.join(unreached[:3])}{', ...' if len(unreached) > 3 else ''}); their binding is unknown. "
-            "Missing piece: an example that runs every layer (more or other tokens, e.g. for expert routing) or "
-            "an explicit BindingSpec"
+            f"binding discovery: the forward pass on the example never called {len(unreached)} nn.Linear(s) inside "
+            f"the blocks of {cls} ({', '.join(unreached[:3])}{', ...' if len(unreached) > 3 else ''}), so what they "
+            "read is unknown: either the example does not reach them (e.g. an expert no token was routed to) or the "
+            "model uses their weight without calling them (e.g. F.linear(x, layer.weight, ...)). Missing piece: an "
+            "example that runs every layer, or an explicit BindingSpec"
         )
 
     parent: dict[str, str] = {}
@@ -340,3 +358,25 @@ def cached_spec(model: nn.Module, example: Any = None) -> DiscoveredSpec | None:
     spec = discover_spec(model, example)
     _CACHE[model] = spec
     return spec
+
+
+def binding_differences(model: nn.Module, spec: BindingSpec, other: BindingSpec) -> list[str]:
+    """Where two specs of ``model`` bind differently, one line each (``[]``: the same groups, linear sets and
+    block indices, in the same forward order, and the same block prefixes). Group names, kinds and producers may
+    differ: an explicit spec names its groups and knows their producers, discovery does not."""
+
+    def key(s: BindingSpec) -> list[tuple[frozenset[str], int]]:
+        return [(frozenset(g.linears), g.block) for g in s.groups(model)]
+
+    def show(group: tuple[frozenset[str], int]) -> str:
+        return f"{{{', '.join(sorted(group[0]))}}} in block {group[1]}"
+
+    a, b = key(spec), key(other)
+    lines = [f"only {type(spec).__name__} binds {show(g)}" for g in a if g not in b]
+    lines += [f"only {type(other).__name__} binds {show(g)}" for g in b if g not in a]
+    if not lines and a != b:
+        lines.append(f"same groups in another order: {type(spec).__name__} {[show(g) for g in a]} vs "
+                     f"{type(other).__name__} {[show(g) for g in b]}")
+    if spec.block_prefixes(model) != other.block_prefixes(model):
+        lines.append(f"block prefixes differ: {spec.block_prefixes(model)} vs {other.block_prefixes(model)}")
+    return lines
