@@ -98,8 +98,20 @@ class DiscoveredSpec(BindingSpec):
 # ------------------------------------------------------------------------------------------------- blocks
 
 
+def _conv1d() -> tuple[type, ...]:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer with a transposed weight, refused by type."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return (Conv1D,)
+
+
 def _linears_below(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.Linear) for m in module.modules())
+    """Linear layers below ``module``: ``nn.Linear`` and ``Conv1D`` (so that a GPT-2 block list is found, then
+    refused with a reason)."""
+    kinds = (nn.Linear, *_conv1d())
+    return sum(isinstance(m, kinds) for m in module.modules())
 
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.Module]:
@@ -109,7 +121,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.Module]:
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
         children = list(module.children())
-        if len({type(c) for c in children}) != 1 or isinstance(children[0], nn.Linear):
+        if len({type(c) for c in children}) != 1 or isinstance(children[0], (nn.Linear, *_conv1d())):
             continue
         counts = [_linears_below(c) for c in children]
         if min(counts) == 0:
@@ -230,12 +242,9 @@ def _run(model: nn.Module, example: Any) -> None:
         model(example)
 
 
-def _refuse_conv1d(model: nn.Module, block_list: str) -> None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    found = [n for n, m in model.named_modules() if isinstance(m, Conv1D) and n.startswith(f"{block_list}.")]
+def _refuse_conv1d(model: nn.Module, container: nn.Module, block_list: str) -> None:
+    kinds = _conv1d()
+    found = [f"{block_list}.{n}" for n, m in container.named_modules() if kinds and isinstance(m, kinds)]
     if found:
         raise ConfigError(
             f"binding discovery: {type(model).__name__} has transformers Conv1D layers ({', '.join(found[:3])}"
@@ -273,7 +282,7 @@ def discover_spec(model: nn.Module, example: Any = None) -> DiscoveredSpec:
                               "model reading input_ids nor a timm model with pretrained_cfg['input_size']); "
                               "pass one: get_spec(model, example=...) or discover_spec(model, example)")
     block_list, container = find_block_list(model)
-    _refuse_conv1d(model, block_list)
+    _refuse_conv1d(model, container, block_list)
     block_names = [n for n, _ in container.named_children()]
     block_of: dict[int, int] = {}
     for index, block in enumerate(container.children()):
