@@ -246,6 +246,20 @@ def test_pruning_through_discovery_leaves_exactly_nm_and_touches_nothing_else(fa
 
 
 @pytest.mark.parametrize("family", sorted(NO_SPEC))
+def test_sequential_pruning_runs_block_by_block_on_the_discovered_blocks(family):
+    """What SparseGPT uses by default: block l calibrated on the output of the pruned blocks < l."""
+    from permsparse.prune import prune_model_sequential
+    from permsparse.sparsity.sparsegpt import SparseGPTPruner
+
+    model = NO_SPEC[family](seed=0)
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    report = prune_model_sequential(model, SparseGPTPruner(blocksize=16), "2:4", batches, progress=False)
+    spec = get_spec(model)
+    assert [g.name for g in report.groups] == [g.name for g in spec.groups(model)]
+    assert all(is_nm(model.get_submodule(n).weight, "2:4") for g in spec.groups(model) for n in g.linears)
+
+
+@pytest.mark.parametrize("family", sorted(NO_SPEC))
 def test_export_through_discovery_gathers_every_group_says_why_and_verifies(tmp_path, family):
     model = NO_SPEC[family](seed=0)
     gen = torch.Generator().manual_seed(1)
@@ -302,7 +316,8 @@ def test_learning_through_discovery_lowers_the_loss_on_a_tiny_phi():
 
 
 def test_a_run_of_a_family_without_a_spec_goes_end_to_end(tmp_path):
-    """``model=tiny_opt`` through the whole run flow (calibrate, learn, prune, evaluate, write the run folder)."""
+    """``model=tiny_opt`` through the whole run flow (calibrate, learn, prune, evaluate, write the run folder), then
+    the run folder's export."""
     import json
 
     from conftest import TINY_LM, compose_cfg
@@ -318,3 +333,21 @@ def test_a_run_of_a_family_without_a_spec_goes_end_to_end(tmp_path):
     perms = torch.load(tmp_path / "perms.pt")
     model = tiny_opt(seed=0)
     prune_model(model, MagnitudePruner(), "2:4", perms, progress=False)  # the stored perms fit the discovered groups
+
+    from permsparse.runs import export_run
+
+    out = export_run(tmp_path)  # the run folder exports (rebuild, gathers, verification) with no spec either
+    assert read_json(out / SIDECAR)["family"] == "hf_causal_lm"
+    load_exported(out)
+
+
+def test_the_run_lists_every_layer_the_learned_blocks_do_not_divide(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.run import train
+
+    with pytest.raises(ConfigError) as info:  # 64 and 128 channels are not multiples of 3 x 4
+        train(compose_cfg([*TINY_LM, "model=tiny_phi", "perm=learned", "perm.method.groups=3"], tmp_path))
+    message = str(info.value)
+    assert message.startswith("PhiForCausalLM: 12 bound layer(s) cannot be pruned to 2:4")
+    assert "model.layers.1.mlp.fc2: d_in=128 is not divisible by groups x M = 3 x 4" in message
