@@ -17,7 +17,9 @@ without tracing the graph and without reading module names:
 3. **What is targeted.** Only linears inside a block are bound. Every other linear (the output head ``lm_head``
    or a classifier ``head``, a pooler, a projector, a linear patch embedding) stays dense: the rule is structural,
    "outside the repeated blocks", and the head is the linear that reads the final normalised stream after them.
-   A group's block is the block of its first linear in forward order; groups are listed in forward order.
+   A group's block is the block of its first linear in forward order; groups are listed in forward order. (A
+   tensor read in two blocks, or a linear shared across blocks, would make one group span blocks: it is then
+   listed under the first, which block-by-block calibration does not expect; no tested family does this.)
 
 Each group's producer is :class:`~permsparse.models.binding.Discovered` (an ``Opaque`` producer): discovery knows
 who reads a tensor, not how it was made, so export applies these permutations with runtime gathers and says so
