@@ -24,7 +24,7 @@ from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm, check_nm_shape
 
 __all__ = ["GroupReport", "PruneReport", "group_scores", "prune_group", "prune_model", "prune_model_sequential",
-           "check_model_divisible"]
+           "check_model_divisible", "indivisible_layers"]
 
 
 @dataclass
@@ -70,32 +70,62 @@ class PruneReport:
         }
 
 
+def indivisible_layers(model: nn.Module, groups: Iterable[BindingGroup], pattern: NMPattern, channel_groups: int = 1,
+                       foldable: bool = False, check: Callable[[int, str], object] | None = None) -> list[str]:
+    """One line per bound linear that cannot be pruned as asked: ``d_in`` not divisible by M, or by the group
+    count times M (``channel_groups``; attention-output groups under ``foldable`` are split by heads instead), or
+    refused by ``check(d_in, name)`` (a ``ValueError``, e.g. the learned method's ``blocks_for``)."""
+    by_heads_of = None
+    if foldable:
+        from permsparse.permutation.foldable import is_head_restricted as by_heads_of
+    problems: list[str] = []
+    for group in groups:
+        by_heads = by_heads_of is not None and by_heads_of(group)
+        for name in group.linears:
+            weight = model.get_submodule(name).weight
+            try:
+                check_nm_shape(weight.shape, pattern, name)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            d_in = int(weight.shape[1])
+            if by_heads:
+                continue
+            if d_in % (channel_groups * pattern.m):
+                problems.append(f"{name}: d_in={d_in} is not divisible by groups x M = {channel_groups} x "
+                                f"{pattern.m}; choose perm.method.groups dividing {d_in // pattern.m}")
+            elif check is not None:
+                try:
+                    check(d_in, name)
+                except ValueError as err:
+                    problems.append(str(err))
+    return problems
+
+
 def check_model_divisible(model: nn.Module, groups: Iterable[BindingGroup], pattern: NMPattern,
-                          channel_groups: int = 1, foldable: bool = False) -> None:
-    """Raise :class:`~permsparse.errors.ConfigError` naming the first layer whose ``d_in`` is not divisible by M
-    (and the group count).
+                          channel_groups: int = 1, foldable: bool = False,
+                          check: Callable[[int, str], object] | None = None) -> None:
+    """Raise one :class:`~permsparse.errors.ConfigError` that lists every bound layer whose ``d_in`` is not
+    divisible by M (or by the group count), naming the model class, each layer and what it lacks
+    (:func:`indivisible_layers`).
 
     ``foldable`` (``perm.foldable``): attention-output groups are split by heads instead of ``channel_groups``,
     so they need ``head_dim`` divisible by M instead.
     """
     groups = list(groups)
     if foldable:
-        from permsparse.permutation.foldable import check_foldable, is_head_restricted
+        from permsparse.permutation.foldable import check_foldable
 
         check_foldable(groups, pattern)
-    for group in groups:
-        by_heads = foldable and is_head_restricted(group)
-        for name in group.linears:
-            weight = model.get_submodule(name).weight
-            try:
-                check_nm_shape(weight.shape, pattern, name)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-            if not by_heads and weight.shape[1] % (channel_groups * pattern.m):
-                raise ConfigError(
-                    f"{name}: d_in={weight.shape[1]} is not divisible by groups x M = {channel_groups} x {pattern.m}; "
-                    f"choose perm.method.groups dividing {weight.shape[1] // pattern.m}"
-                )
+    problems = indivisible_layers(model, groups, pattern, channel_groups, foldable, check)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(
+            f"{type(model).__name__}: {len(problems)} bound layer(s) cannot be pruned to {pattern}:\n{lines}\n"
+            f"Every bound linear needs d_in divisible by M={pattern.m} (and by the group count x M); choose a "
+            "pattern and groups that divide them, or a binding spec that leaves these layers out "
+            "(skipping them with prune.skip_indivisible is not available yet)"
+        )
 
 
 def group_scores(model: nn.Module, group: BindingGroup, pruner: Pruner,

@@ -29,7 +29,7 @@ from permsparse.errors import ConfigError
 from permsparse.export import save_pruned_state
 from permsparse.models.binding import get_spec
 from permsparse.permutation.base import PermutationMethod
-from permsparse.permutation.foldable import is_head_restricted, restrict_if_foldable
+from permsparse.permutation.foldable import restrict_if_foldable
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import shared_residual_if
 from permsparse.prune import PruneReport, check_model_divisible, prune_model, prune_model_sequential
@@ -227,11 +227,10 @@ def _load(cfg: DictConfig, method: Any, pattern: NMPattern) -> _Setup:
     _check_context(cfg, model)
     groups = get_spec(model).groups(model)
     foldable = bool(cfg.perm.get("foldable", False))
-    check_model_divisible(model, groups, pattern, foldable=foldable)
-    if isinstance(method, LearnedPermutation):  # its blocks must hold whole M-groups (heads, where foldable)
-        for group in groups:
-            if not (foldable and is_head_restricted(group)):
-                method.blocks_for(model.get_submodule(group.linears[0]).in_features, pattern.m, group.name)
+    # the learned method's blocks must hold whole M-groups (heads, where foldable): one error lists every layer
+    learned = isinstance(method, LearnedPermutation)
+    check_model_divisible(model, groups, pattern, foldable=foldable,
+                          check=(lambda d_in, name: method.blocks_for(d_in, pattern.m, name)) if learned else None)
     dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
     datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
     pruner = instantiate(cfg.pruner.method)

@@ -2,7 +2,7 @@
 
 Folder layout written by :func:`export_model`:
 
-* HF causal LMs (Llama, Qwen2, Mistral): ``save_pretrained`` output (``config.json``, ``model.safetensors``
+* HF causal LMs (Llama, Qwen2, Mistral, and any causal LM bound by discovery): ``save_pretrained`` output (``config.json``, ``model.safetensors``
   and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a plain timm state dict.
   State-dict keys are the stock ones: gathered layers keep their ``weight``/``bias`` names.
 * ``permsparse_export.json`` (the sidecar): pattern, pruner, family, dtype, how to rebuild the architecture
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from permsparse.export.fold import FoldReport, check_deployed_nm, check_pruned_nm, fold_model
 from permsparse.export.gather import insert_gather
 from permsparse.models.binding import BindingSpec, get_spec
+from permsparse.models.discovery import HF_CAUSAL_LM_FAMILY, TIMM_FAMILY, timm_input_size
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_write_json, read_json
 
@@ -78,6 +79,7 @@ class ExportFamily:
     forward: Callable[[nn.Module, dict[str, Tensor]], Tensor]
     save: Callable[[nn.Module, Path, dict[str, Any], Any], None]
     load: Callable[[Path, dict[str, Any]], nn.Module]
+    needs_build: bool = False  # the saved weights need a ``build`` node that rebuilds the architecture (timm)
 
 
 EXPORT_FAMILIES: dict[str, ExportFamily] = {}
@@ -140,6 +142,14 @@ def _timm_inputs(model: nn.Module, gen: torch.Generator, batch: int) -> dict[str
     return {"pixel_values": torch.randn((batch, int(embed.proj.in_channels), *size), generator=gen)}
 
 
+def _timm_cfg_inputs(model: nn.Module, gen: torch.Generator, batch: int) -> dict[str, Tensor]:
+    """Any timm model: random images of the size it accepts (:func:`~permsparse.models.discovery.timm_input_size`)."""
+    size = timm_input_size(model)
+    if size is None:
+        raise ValueError(f"{type(model).__name__}: no pretrained_cfg['input_size'] to build verification images from")
+    return {"pixel_values": torch.randn((batch, *size), generator=gen)}
+
+
 def _timm_forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     return model(inputs["pixel_values"])
 
@@ -165,7 +175,13 @@ def _timm_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
 
 
 register_export_family(ExportFamily("llama_like", "hf_save_pretrained", _hf_inputs, _hf_forward, _hf_save, _hf_load))
-register_export_family(ExportFamily("timm_vit", "timm_safetensors", _timm_inputs, _timm_forward, _timm_save, _timm_load))
+register_export_family(ExportFamily("timm_vit", "timm_safetensors", _timm_inputs, _timm_forward, _timm_save, _timm_load,
+                                    needs_build=True))
+# models bound by discovery (permsparse.models.discovery): the same formats, found by what the model is
+register_export_family(ExportFamily(HF_CAUSAL_LM_FAMILY, "hf_save_pretrained", _hf_inputs, _hf_forward, _hf_save,
+                                    _hf_load))
+register_export_family(ExportFamily(TIMM_FAMILY, "timm_safetensors", _timm_cfg_inputs, _timm_forward, _timm_save,
+                                    _timm_load, needs_build=True))
 
 
 # -------------------------------------------------------------------------------------------- build nodes
@@ -334,10 +350,10 @@ def export_model(
     spec = spec or get_spec(model)
     family = _family(spec.family)
     out_dir = Path(out_dir)
-    if family.name == "timm_vit":
+    if family.needs_build:
         build = dict(build) if build is not None else _timm_default_build(model)
         if build is None:
-            raise ValueError("exporting a timm ViT needs build={'_target_': ..., **kwargs} to rebuild its architecture "
+            raise ValueError("exporting a timm model needs build={'_target_': ..., **kwargs} to rebuild its architecture "
                              "at load time (this model was not created through timm's registry)")
     check_pruned_nm(model, perms, pattern, spec)
     inputs = example_inputs(model, family.name, seed)

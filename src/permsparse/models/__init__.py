@@ -4,6 +4,7 @@ from permsparse.models.binding import (
     SPECS,
     BindingGroup,
     BindingSpec,
+    Discovered,
     Opaque,
     OutputRows,
     Producer,
@@ -12,7 +13,10 @@ from permsparse.models.binding import (
     get_spec,
     register_spec,
 )
+from permsparse.models.discovery import DiscoveredSpec, discover_spec
 from permsparse.models.llama import LlamaLikeSpec
 from permsparse.models.vit import TimmViTSpec
 
-__all__ = ["SPECS", "BindingGroup", "BindingSpec", "Producer", "ResidualStream", "OutputRows", "ValueRows", "Opaque", "get_spec", "register_spec", "LlamaLikeSpec", "TimmViTSpec"]
+__all__ = ["SPECS", "BindingGroup", "BindingSpec", "Producer", "ResidualStream", "OutputRows", "ValueRows", "Opaque",
+           "Discovered", "DiscoveredSpec", "discover_spec", "get_spec", "register_spec", "LlamaLikeSpec",
+           "TimmViTSpec"]

@@ -7,21 +7,25 @@ adding one :class:`BindingSpec` subclass and registering it; nothing here traces
 model names.
 
 The producer of a group's input is one of four small records: :class:`ResidualStream`,
-:class:`OutputRows`, :class:`ValueRows` or :class:`Opaque`; code asks ``isinstance``, never a string.
+:class:`OutputRows`, :class:`ValueRows` or :class:`Opaque` (with :class:`Discovered`, the opaque producer of a
+group found by binding discovery); code asks ``isinstance``, never a string.
+
+A model that no registered spec matches can still be bound by *discovery* (:mod:`permsparse.models.discovery`):
+:func:`get_spec` falls back to it when it is given, or can build, an example input.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from permsparse.errors import ConfigError
 
 __all__ = ["BindingGroup", "BindingSpec", "register_spec", "get_spec", "SPECS", "Producer", "ResidualStream",
-           "OutputRows", "ValueRows", "Opaque"]
+           "OutputRows", "ValueRows", "Opaque", "Discovered"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,15 @@ class Opaque(Producer):
     """Anything else (e.g. a norm between ``fc1`` and ``fc2``): not foldable, export gathers."""
 
     kind: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class Discovered(Opaque):
+    """The input of a group found by binding discovery (:mod:`permsparse.models.discovery`): which linears read
+    it is known, who produces it is not (no explicit spec for ``model_class``), so export gathers."""
+
+    model_class: str = ""
+    kind: ClassVar[str] = "discovered"
 
 
 @dataclass
@@ -151,13 +164,31 @@ def register_spec(spec: type[BindingSpec]) -> type[BindingSpec]:
     return spec
 
 
-def get_spec(model: nn.Module) -> BindingSpec:
-    """The registered spec that matches ``model``; a clear error if no family describes it."""
+def get_spec(model: nn.Module, example: Any = None, discover: bool = True) -> BindingSpec:
+    """The registered spec that matches ``model``; else, with ``discover``, a spec found by binding discovery.
+
+    An explicit (registered) spec always wins: it carries the folding knowledge. Without one, discovery
+    (:func:`permsparse.models.discovery.discover_spec`) runs one forward pass on ``example`` (a tensor, a tuple of
+    positional arguments or a mapping of keyword arguments). Without ``example`` it builds one where it knows how
+    (a few token ids for a Hugging Face model, a zero image of ``pretrained_cfg["input_size"]`` for a timm model)
+    and caches the result per model object, so that the many ``get_spec(model)`` calls of one run discover once;
+    an explicit ``example`` always discovers afresh. Raises :class:`~permsparse.errors.ConfigError` if no spec
+    matches and discovery is off or impossible (no example can be built), or names the missing piece if the
+    discovered binding cannot be used (e.g. a layer type discovery does not handle).
+    """
     for spec in SPECS:
         if spec.matches(model):
             return spec()
+    if discover:
+        from permsparse.models import discovery
+
+        found = discovery.cached_spec(model, example)
+        if found is not None:
+            return found
     known = ", ".join(s.family for s in SPECS) or "none registered"
+    hint = ("or pass an example input, get_spec(model, example=...), to discover its binding from a forward pass"
+            if discover else "or allow binding discovery (discover=True) with an example input")
     raise ConfigError(
         f"no binding spec for model class {type(model).__name__}; known families: {known}. "
-        "Add a BindingSpec subclass in permsparse.models and register it with @register_spec"
+        f"Add a BindingSpec subclass in permsparse.models and register it with @register_spec, {hint}"
     )

@@ -22,6 +22,8 @@ __all__ = [
     "tiny_llama",
     "tiny_qwen2",
     "tiny_mistral",
+    "tiny_phi",
+    "tiny_opt",
     "tiny_vit",
 ]
 
@@ -95,6 +97,24 @@ def tiny_mistral(seed: int = 0, **overrides: Any) -> nn.Module:
     from transformers import MistralConfig, MistralForCausalLM
 
     return _lm(MistralConfig, MistralForCausalLM, seed, overrides)
+
+
+def tiny_phi(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-layer ``PhiForCausalLM`` (as :func:`tiny_llama`): no explicit spec, bound by discovery. Its attention and
+    MLP run in parallel on one norm, so ``q, k, v`` and ``fc1`` read the same tensor and share a permutation."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    return _lm(PhiConfig, PhiForCausalLM, seed, overrides)
+
+
+def tiny_opt(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-layer ``OPTForCausalLM`` (hidden 64, MLP 128, 4 heads, vocab 128): no explicit spec, bound by discovery."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    base = {k: v for k, v in TINY_LM_CONFIG.items() if k not in ("intermediate_size", "num_key_value_heads")}
+    cfg = OPTConfig(**{**base, "ffn_dim": TINY_LM_CONFIG["intermediate_size"],
+                       "word_embed_proj_dim": TINY_LM_CONFIG["hidden_size"], **overrides})
+    return _seeded_build(seed, lambda: OPTForCausalLM(cfg))
 
 
 def tiny_vit(seed: int = 0, **overrides: Any) -> nn.Module:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from permsparse.errors import ConfigError
-from permsparse.models.binding import BindingGroup, OutputRows, ResidualStream, ValueRows
+from permsparse.models.binding import BindingGroup, Discovered, OutputRows, ResidualStream, ValueRows
 from permsparse.permutation.base import PermutationMethod, WrappedMethod
 from permsparse.permutation.heads import as_perm, expand_kv_head_perms, kv_head_perms
 from permsparse.sparsity.nm import NMPattern
@@ -80,6 +80,10 @@ def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
         if local is None:
             return False, f"{why}; a runtime gather is needed"
         return True, f"within-head permutation folded into the value rows of {producer.module.rsplit('.', 1)[-1]}"
+    if isinstance(producer, Discovered):
+        return False, (f"binding discovered from a forward pass of {producer.model_class or 'the model'} (no explicit "
+                       "spec): folding knowledge missing (who produces this input is unknown); a runtime gather is "
+                       "inserted")
     return False, (f"producer type {producer.kind!r}: the input is not produced by foldable rows; "
                    "a runtime gather is needed")
 
