@@ -147,6 +147,12 @@ def test_a_task_without_its_data_fails_before_the_model_loads(data_dir, tmp_path
         check_tasks(ZeroShotSettings.from_config({"tasks": ["mmlu"], "data_dir": str(data_dir)}))
     with pytest.raises(ConfigError, match="not an lm-eval task, group or tag.*did you mean arc_easy"):
         check_tasks(ZeroShotSettings.from_config({"tasks": ["arc_eazy"], "data_dir": str(data_dir)}))
+    # a folder without a split the task reads (here the one its few-shot examples come from)
+    partial = _write_task(tmp_path / "partial")
+    (partial / HUB_ID / "train.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"task permsparse_tiny_mc reads the split\(s\) train of permsparse/tiny_mc, "
+                                          r"but .* holds only test; add train.jsonl there"):
+        check_tasks(ZeroShotSettings.from_config({"tasks": [TASK], "data_dir": str(partial)}))
     with pytest.raises(ConfigError, match="eval.lm_eval.data_dir=.* is not a folder"):
         check_tasks(ZeroShotSettings.from_config({"tasks": [TASK], "data_dir": str(tmp_path / "absent")}))
 
@@ -185,7 +191,7 @@ def test_a_run_records_zero_shot_accuracy_of_every_phase_and_prunes_as_without_i
     base = [*TINY_LM, "perm=ria", "pruner=wanda"]
     plain = train(compose_cfg(base, tmp_path / "plain"))
     results = train(compose_cfg([*base, f"eval.lm_eval.tasks=[{TASK}]", f"eval.lm_eval.data_dir={data_dir}",
-                                 f"+eval.lm_eval.num_fewshot.{TASK}=2"], tmp_path / "zs"))
+                                 f"eval.lm_eval.num_fewshot={{{TASK}:2}}"], tmp_path / "zs"))
     written = json.loads((tmp_path / "zs" / "results.json").read_text())
     assert written["metrics"] == results["metrics"]
     for phase in ("dense", "identity", "pruned"):

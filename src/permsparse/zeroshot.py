@@ -204,6 +204,17 @@ def _member(manager: Any, group: str, member: Any, overrides: Mapping[str, Any],
         yield f"{group}::{ref}", {**member, **own}
 
 
+def _needed_splits(cfg: Mapping[str, Any]) -> list[str]:
+    """The splits lm-eval reads when it builds a task: the one it scores (test, else validation) and the one its
+    few-shot examples come from (fewshot, else train, validation, test), which it reads even when zero-shot."""
+    def first(*keys: str) -> str | None:
+        return next((str(cfg[k]) for k in keys if cfg.get(k) is not None), None)
+
+    splits = [first("test_split", "validation_split"),
+              first("fewshot_split", "training_split", "validation_split", "test_split")]
+    return list(dict.fromkeys(s for s in splits if s))
+
+
 def _source(task: str, cfg: Mapping[str, Any], data_dir: Path | None, hub: bool) -> DatasetSource:
     path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
     if path is None or "class" in cfg or cfg.get("custom_dataset"):
@@ -211,7 +222,13 @@ def _source(task: str, cfg: Mapping[str, Any], data_dir: Path | None, hub: bool)
     path, name = str(path), (str(name) if name is not None else None)
     found = local_dataset_files(data_dir, path, name)
     if found is not None:
-        return DatasetSource(task, path, name, "local", str(Path(found[1][next(iter(found[1]))][0]).parent))
+        folder = Path(next(iter(found[1].values()))[0]).parent
+        absent = [split for split in _needed_splits(cfg) if split not in found[1]]
+        if absent:
+            raise ConfigError(f"{KEY}.tasks: task {task} reads the split(s) {', '.join(absent)} of {path}"
+                              f"{f' (config {name})' if name else ''}, but {folder} holds only "
+                              f"{', '.join(sorted(found[1]))}; add {absent[0]}.jsonl there")
+        return DatasetSource(task, path, name, "local", str(folder))
     if path in _LOCAL_BUILDERS or Path(path).expanduser().exists():
         files = (cfg.get("dataset_kwargs") or {}).get("data_files")
         listed = ([files] if isinstance(files, str) else list(files.values()) if isinstance(files, Mapping)
