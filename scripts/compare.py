@@ -61,7 +61,7 @@ def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
         raise SystemExit("no results.json found below that folder")
     metric = main_metric(runs[0]["metrics"]["pruned"])
     is_ppl = metric.startswith("ppl")
-    others = [k for k in runs[0]["metrics"]["pruned"] if k != metric
+    others = [k for k in runs[0]["metrics"]["pruned"] if k != metric and not k.endswith("_stderr")  # zero-shot errors
               and all(k in run["metrics"]["pruned"] for run in runs)]
     rows = []
     for run in runs:

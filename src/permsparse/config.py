@@ -89,6 +89,7 @@ def validate_config(cfg: DictConfig) -> None:
     if resume and not Path(str(resume)).is_dir():
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
     _check_image_folder(cfg)
+    _check_zeroshot(cfg)
 
 
 def build_method(cfg: DictConfig) -> object:
@@ -124,3 +125,17 @@ def _check_image_folder(cfg: DictConfig) -> None:
         if not any(p.is_file() for c in folder.iterdir() if c.is_dir() for p in c.iterdir()):
             raise ConfigError(f"dataset.datamodule.root={root}: {folder} holds no images (the dataset is empty); "
                               f"expected {root}/{split}/<class>/<image>")
+
+
+def _check_zeroshot(cfg: DictConfig) -> None:
+    """``eval.lm_eval``: its shape, a language model to run it on, and every task's data found (lm-eval's task
+    index is read, seconds; no data is loaded). Nothing to check when no task is set."""
+    from permsparse.zeroshot import KEY, ZeroShotSettings, check_tasks
+
+    settings = ZeroShotSettings.from_config(OmegaConf.select(cfg, KEY))
+    if not settings.tasks:
+        return
+    if cfg.model.task != "causal_lm":
+        raise ConfigError(f"{KEY}.tasks={list(settings.tasks)} needs a language model, but model={cfg.model.name} is "
+                          f"a {cfg.model.task} model; set {KEY}.tasks=[]")
+    check_tasks(settings)

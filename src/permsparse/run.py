@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from permsparse import zeroshot
 from permsparse.config import build_method, validate_config
 from permsparse.errors import ConfigError
 from permsparse.export import save_pruned_state
@@ -43,7 +44,7 @@ __all__ = ["train", "learn_permutations", "build_permutation", "package_versions
 log = logging.getLogger("permsparse")
 
 _VERSIONED = ["permsparse", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "transformers", "timm",
-              "datasets", "wandb", "scipy", "numpy"]
+              "datasets", "wandb", "scipy", "numpy", "lm-eval"]
 
 
 def package_versions() -> dict[str, str]:
@@ -248,6 +249,16 @@ def _calibrator(cfg: DictConfig, setup: _Setup) -> Callable[..., dict]:
     return calibrate
 
 
+def _zeroshot(cfg: DictConfig, setup: _Setup, timer: _Timer, phase: str, metrics: dict) -> None:
+    """Add ``eval.lm_eval``'s task accuracies (``<task>/acc``, ``<task>/acc_norm``, their ``_stderr``) of the model
+    as it is now to the phase's ``metrics``; nothing when no task is set (docs/protocols.md)."""
+    settings = zeroshot.ZeroShotSettings.from_config(OmegaConf.select(cfg, zeroshot.KEY))
+    if settings.tasks:
+        with timer(f"zeroshot_{phase}"):
+            metrics.update(zeroshot.evaluate(setup.model, getattr(setup.datamodule, "tokenizer", None), settings,
+                                             seed=int(cfg.seed)))
+
+
 def _evaluate_baselines(cfg: DictConfig, setup: _Setup, stats: Mapping | None, timer: _Timer) -> dict:
     """The dense model and the same pruner without a permutation (the identity row), each unless switched off."""
     model, datamodule = setup.model, setup.datamodule
@@ -255,12 +266,14 @@ def _evaluate_baselines(cfg: DictConfig, setup: _Setup, stats: Mapping | None, t
     if cfg.eval.get("dense_baseline", True):
         with timer("eval_dense"):
             metrics["dense"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+        _zeroshot(cfg, setup, timer, "dense", metrics["dense"])
     if cfg.eval.identity_baseline and cfg.perm.name != "none":
         dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         with timer("prune_identity"):
             _prune(cfg, model, setup.pruner, setup.pattern, None, stats, datamodule)
         with timer("eval_identity"):
             metrics["identity"] = datamodule.evaluate(model, batch_size=cfg.eval.batch_size, progress=cfg.progress)
+        _zeroshot(cfg, setup, timer, "identity", metrics["identity"])
         model.load_state_dict(dense_state)
     return metrics
 
@@ -348,6 +361,7 @@ def train(cfg: DictConfig) -> dict:
     with timer("eval_pruned"):
         metrics["pruned"] = setup.datamodule.evaluate(setup.model, batch_size=cfg.eval.batch_size,
                                                       progress=cfg.progress)
+    _zeroshot(cfg, setup, timer, "pruned", metrics["pruned"])
 
     atomic_torch_save(report.perms, out_dir / PERMS)
     pruned_file = None
@@ -355,6 +369,8 @@ def train(cfg: DictConfig) -> dict:
         save_pruned_state(setup.model, out_dir)  # so that `python -m permsparse.export <run dir>` works
         pruned_file = PRUNED
     record = _record(cfg, setup, report, metrics, learn_summary, timer, sharded, pruned_file)
+    if lm_eval := zeroshot.describe(zeroshot.ZeroShotSettings.from_config(OmegaConf.select(cfg, zeroshot.KEY))):
+        record.protocol["lm_eval"] = lm_eval
     record.write(out_dir)
     _log_results(logger, metrics, report)
     results = record.to_dict()

@@ -60,6 +60,21 @@ class CharTokenizer:
     def decode(self, ids: Any, **_: Any) -> str:
         return bytes(int(i) for i in ids).decode("ascii", "replace")
 
+    def to_hf(self) -> Any:
+        """The same tokenizer as a ``transformers`` fast tokenizer (one token per character, id = ASCII code,
+        ``?`` for anything else), for code that accepts only those, such as lm-evaluation-harness. NUL (id 0,
+        absent from every corpus) is its end-of-text token, which lm-eval puts before an empty context."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(self.vocab_size)}, unk_token="?"))
+        # every character is its own pre-token; (?m) lets "." match a newline too (Oniguruma's dot-all)
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        out = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="?", eos_token="\x00")
+        out.name_or_path = self.name_or_path
+        return out
+
 
 def tiny_tokenizer() -> CharTokenizer:
     """The ASCII character tokenizer that fits the tiny LMs (vocab 128)."""
