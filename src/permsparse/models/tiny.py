@@ -19,6 +19,7 @@ __all__ = [
     "TINY_VIT_CONFIG",
     "CharTokenizer",
     "tiny_tokenizer",
+    "tiny_hf_tokenizer",
     "tiny_llama",
     "tiny_qwen2",
     "tiny_mistral",
@@ -66,6 +67,18 @@ class CharTokenizer:
 def tiny_tokenizer() -> CharTokenizer:
     """The ASCII character tokenizer that fits the tiny LMs (vocab 128)."""
     return CharTokenizer()
+
+
+def tiny_hf_tokenizer() -> Any:
+    """The same ASCII character tokenizer as a Hugging Face fast tokenizer (``save_pretrained`` / ``AutoTokenizer``
+    round trip), built offline: saved beside a tiny model it makes a local folder that ``model=hf_causal_lm`` loads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(128)}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character a token
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?")
 
 
 def _seeded_build(seed: int, build: Any) -> Any:
