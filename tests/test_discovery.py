@@ -206,6 +206,26 @@ def test_gpt2_conv1d_is_refused_by_type_with_the_missing_piece():
     assert "Conv1D" in message and "explicit BindingSpec" in message
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_stacked_expert_weights_are_refused_not_left_dense_silently(family):
+    """transformers 5 stores a mixture-of-experts layer's experts as 3D tensors applied without nn.Linear: discovery
+    would bind attention only and leave the experts dense without a word."""
+    import transformers as tf
+
+    lm = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+              num_experts_per_tok=2)
+    if family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**lm, intermediate_size=128, num_local_experts=4)).eval()
+    else:
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**lm, intermediate_size=128, moe_intermediate_size=64,
+                                                         shared_expert_intermediate_size=128, num_experts=4)).eval()
+    with pytest.raises(ConfigError) as info:
+        get_spec(model)
+    message = str(info.value)
+    assert type(model).__name__ in message and "model.layers.0.mlp.experts.gate_up_proj" in message
+    assert "stacked 3D tensors" in message and "Missing piece: per-expert binding groups" in message
+
+
 def test_a_weight_used_without_calling_its_linear_is_named():
     """timm's EVA with q/v biases computes qkv as F.linear(x, qkv.weight, bias): the hook never sees that input."""
     with pytest.raises(ConfigError) as info:
