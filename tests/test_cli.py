@@ -35,6 +35,7 @@ def test_the_vit_b_command_offline_says_where_to_point_in_one_line():
     (["sparsity.n=5"], "N must not exceed M"),
     (["perm.method.mode=medium"], "perm.method.mode='medium' is invalid"),
     (["model=vit_fmnist", "dataset=shakespeare"], "is a image_classification model but dataset=shakespeare"),
+    (["model=hf_causal_lm"], "model.name_or_path is not set: model=hf_causal_lm needs model.name_or_path="),
 ])
 def test_config_errors_print_their_message_alone(overrides, needle):
     proc = _train(*overrides)
@@ -48,7 +49,8 @@ def test_every_model_brings_its_default_dataset():
     expected = {"vit_b": "imagenet", "vit_l": "imagenet", "vit_fmnist": "fashion_mnist", "vit_digits": "digits",
                 "tiny_vit": "digits", "smollm2_135m": "shakespeare", "llama3_2_1b": "wikitext2",
                 "llama2_7b": "wikitext2", "tiny_llama": "tiny_text", "tiny_qwen2": "tiny_text",
-                "tiny_mistral": "tiny_text", "tiny_phi": "tiny_text", "tiny_opt": "tiny_text"}
+                "tiny_mistral": "tiny_text", "tiny_phi": "tiny_text", "tiny_opt": "tiny_text",
+                "tiny_gemma3": "tiny_text", "tiny_phi3": "tiny_text", "hf_causal_lm": "shakespeare"}
     assert sorted(expected) == sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
     for model, dataset in expected.items():
         assert compose_cfg([f"model={model}"], ROOT / "x").dataset.name == dataset

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import pytorch_lightning as pl
 import torch
+from helpers.families import assert_exactly_nm_and_nothing_else, learned_val_losses, token_batches
 from torch import nn
 
 from permsparse.errors import ConfigError
@@ -16,7 +14,16 @@ from permsparse.models import Discovered, DiscoveredSpec, discover_spec, get_spe
 from permsparse.models.binding import BindingGroup
 from permsparse.models.discovery import binding_differences, find_block_list
 from permsparse.models.llama import LlamaLikeSpec
-from permsparse.models.tiny import tiny_llama, tiny_mistral, tiny_opt, tiny_phi, tiny_qwen2, tiny_vit
+from permsparse.models.tiny import (
+    tiny_gemma3,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_phi,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_vit,
+)
 from permsparse.permutation.channel_swap import GreedyChannelSwap
 from permsparse.prune import prune_model
 from permsparse.sparsity.calibration import collect_stats
@@ -45,7 +52,8 @@ def _bindings(spec, model) -> list[tuple[frozenset[str], int]]:
 
 
 @pytest.mark.parametrize("build,example", [(tiny_llama, None), (tiny_qwen2, None), (tiny_mistral, None),
-                                           (tiny_vit, VIT_EXAMPLE)], ids=["llama", "qwen2", "mistral", "vit"])
+                                           (tiny_gemma3, None), (tiny_phi3, None), (tiny_vit, VIT_EXAMPLE)],
+                         ids=["llama", "qwen2", "mistral", "gemma3", "phi3", "vit"])
 def test_every_explicit_spec_binds_what_discovery_finds(build, example):
     model = build(seed=0)
     explicit = get_spec(model)
@@ -198,6 +206,26 @@ def test_gpt2_conv1d_is_refused_by_type_with_the_missing_piece():
     assert "Conv1D" in message and "explicit BindingSpec" in message
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_stacked_expert_weights_are_refused_not_left_dense_silently(family):
+    """transformers 5 stores a mixture-of-experts layer's experts as 3D tensors applied without nn.Linear: discovery
+    would bind attention only and leave the experts dense without a word."""
+    import transformers as tf
+
+    lm = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+              num_experts_per_tok=2)
+    if family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**lm, intermediate_size=128, num_local_experts=4)).eval()
+    else:
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**lm, intermediate_size=128, moe_intermediate_size=64,
+                                                         shared_expert_intermediate_size=128, num_experts=4)).eval()
+    with pytest.raises(ConfigError) as info:
+        get_spec(model)
+    message = str(info.value)
+    assert type(model).__name__ in message and "model.layers.0.mlp.experts.gate_up_proj" in message
+    assert "stacked 3D tensors" in message and "Missing piece: per-expert binding groups" in message
+
+
 def test_a_weight_used_without_calling_its_linear_is_named():
     """timm's EVA with q/v biases computes qkv as F.linear(x, qkv.weight, bias): the hook never sees that input."""
     with pytest.raises(ConfigError) as info:
@@ -231,17 +259,9 @@ def test_pruning_through_discovery_leaves_exactly_nm_and_touches_nothing_else(fa
     spec = get_spec(model)
     names = [n for g in spec.groups(model) for n in g.linears]
     assert len(names) == 12  # 2 blocks x 6 linears; lm_head and embeddings are not bound
-    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    stats = collect_stats(model, names, batches, progress=False) if pruner.needs_stats else None
+    stats = collect_stats(model, names, token_batches(), progress=False) if pruner.needs_stats else None
     report = prune_model(model, pruner, "2:4", GreedyChannelSwap(seed=0, escape_attempts=10), stats, progress=False)
-    perm_of = {n: report.perms[g.name] for g in spec.groups(model) for n in g.linears}
-    for key, value in model.state_dict().items():
-        linear = key.removesuffix(".weight")
-        if key.endswith(".weight") and linear in perm_of:
-            assert is_nm(value[:, perm_of[linear]], "2:4"), key
-            assert (value == 0).sum() == value.numel() // 2, key  # exactly N of every M kept
-        else:
-            assert torch.equal(value, before[key]), f"{key} was touched"
+    assert_exactly_nm_and_nothing_else(model, before, report.perms)
     assert any(not torch.equal(p, torch.arange(p.numel())) for p in report.perms.values())
 
 
@@ -252,8 +272,7 @@ def test_sequential_pruning_runs_block_by_block_on_the_discovered_blocks(family)
     from permsparse.sparsity.sparsegpt import SparseGPTPruner
 
     model = NO_SPEC[family](seed=0)
-    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    report = prune_model_sequential(model, SparseGPTPruner(blocksize=16), "2:4", batches, progress=False)
+    report = prune_model_sequential(model, SparseGPTPruner(blocksize=16), "2:4", token_batches(), progress=False)
     spec = get_spec(model)
     assert [g.name for g in report.groups] == [g.name for g in spec.groups(model)]
     assert all(is_nm(model.get_submodule(n).weight, "2:4") for g in spec.groups(model) for n in g.linears)
@@ -295,22 +314,8 @@ def test_export_of_a_discovered_timm_model_verifies(tmp_path):
 
 
 def test_learning_through_discovery_lowers_the_loss_on_a_tiny_phi():
-    from permsparse.lit import CausalLMModule, PermutationLearning
-    from permsparse.permutation.learned import LearnedPermutation
-
-    torch.manual_seed(0)
     model = tiny_phi(seed=0)
-    data = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
-    module = CausalLMModule(model, optimizer=functools.partial(torch.optim.AdamW, lr=0.05), alpha=1e-5)
-    callback = PermutationLearning(LearnedPermutation(groups=2, init_scale=0.05, tau_start=1.0, tau_end=0.1,
-                                                      warm_iters=None), MagnitudePruner(), "2:4")
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
-    trainer = pl.Trainer(max_steps=20, callbacks=[callback], accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0)
-    trainer.validate(module, loader, verbose=False)
-    trainer.fit(module, loader, loader)
-    losses = [h["val_loss"] for h in callback.history]
+    losses, callback = learned_val_losses(model)
     assert min(losses[1:]) < losses[0] - 1e-3, losses
     assert set(callback.final_perms) == {g.name for g in get_spec(model).groups(model)}
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TINY_LM, compose_cfg
+from helpers.families import random_perms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,6 @@ from permsparse.export import (
 )
 from permsparse.export import fold as fold_mod
 from permsparse.models import get_spec
-from permsparse.models.binding import ValueRows
 from permsparse.models.tiny import tiny_llama, tiny_mistral, tiny_qwen2, tiny_vit
 from permsparse.permutation.foldable import is_foldable
 from permsparse.permutation.heads import kv_head_perms, restrict_to_heads
@@ -43,19 +43,6 @@ RESIDUAL_KINDS = {"qkv", "gate_up", "fc1"}
 
 def _layout(group) -> tuple[int, int, int]:
     return group.producer.head_layout
-
-
-def random_perms(model, seed: int = 0, o_mode: str = "within") -> dict[str, torch.Tensor]:
-    """A seeded random permutation per group; o/proj ones ``within`` heads (GQA-tied) or ``arbitrary``."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for group in get_spec(model).groups(model):
-        d_in = model.get_submodule(group.linears[0]).in_features
-        perm = torch.randperm(d_in, generator=gen)
-        if isinstance(group.producer, ValueRows) and o_mode == "within":
-            perm = restrict_to_heads(perm, *_layout(group))
-        out[group.name] = perm
-    return out
 
 
 def pruned(build, seed: int = 0, o_mode: str = "within"):

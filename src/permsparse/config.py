@@ -89,6 +89,7 @@ def validate_config(cfg: DictConfig) -> None:
     if resume and not Path(str(resume)).is_dir():
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
     _check_image_folder(cfg)
+    _check_model_source(cfg)
     _check_zeroshot(cfg)
 
 
@@ -139,3 +140,26 @@ def _check_zeroshot(cfg: DictConfig) -> None:
         raise ConfigError(f"{KEY}.tasks={list(settings.tasks)} needs a language model, but model={cfg.model.name} is "
                           f"a {cfg.model.task} model; set {KEY}.tasks=[]")
     check_tasks(settings)
+
+
+def _check_model_source(cfg: DictConfig) -> None:
+    """A loader that takes ``name_or_path`` (``model=hf_causal_lm``) needs one; a local folder or GGUF file given must
+    exist. Hub ids are not looked up here (that needs the network): a string that is not a local path passes."""
+    load = cfg.model.get("load")
+    if not isinstance(load, DictConfig) or "name_or_path" not in load:
+        return
+    source = OmegaConf.select(load, "name_or_path", default=None, throw_on_missing=False)
+    key = "model.name_or_path" if "name_or_path" in cfg.model else "model.load.name_or_path"
+    if not source:
+        raise ConfigError(f"{key} is not set: model={cfg.model.get('name', '?')} needs {key}=<hub id or local "
+                          "folder> (e.g. Qwen/Qwen2.5-0.5B or /path/to/model), and model.gguf_file=<file.gguf> "
+                          "for a GGUF checkpoint in it")
+    path = Path(str(source)).expanduser()
+    local = path.is_absolute() or str(source).startswith((".", "~"))
+    if local and not path.is_dir():
+        raise ConfigError(f"{key}={source}: no such folder (a local model is a save_pretrained folder; a hub id "
+                          "looks like owner/name)")
+    gguf = OmegaConf.select(load, "gguf_file", default=None, throw_on_missing=False)
+    if gguf and path.is_dir() and not (path / str(gguf)).is_file():
+        raise ConfigError(f"model.gguf_file={gguf}: {path / str(gguf)} does not exist (gguf_file names a file inside "
+                          f"{key})")

@@ -2,7 +2,7 @@
 
 Folder layout written by :func:`export_model`:
 
-* HF causal LMs (Llama, Qwen2, Mistral, and any causal LM bound by discovery): ``save_pretrained`` output (``config.json``, ``model.safetensors``
+* HF causal LMs (Llama, Qwen2, Mistral, Gemma 3, Phi-3, and any causal LM bound by discovery): ``save_pretrained`` output (``config.json``, ``model.safetensors``
   and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a plain timm state dict.
   State-dict keys are the stock ones: gathered layers keep their ``weight``/``bias`` names.
 * ``permsparse_export.json`` (the sidecar): pattern, pruner, family, dtype, how to rebuild the architecture
@@ -174,7 +174,9 @@ def _timm_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
     return model
 
 
-register_export_family(ExportFamily("llama_like", "hf_save_pretrained", _hf_inputs, _hf_forward, _hf_save, _hf_load))
+# Hugging Face causal LMs with an explicit binding spec (models/llama.py, gemma3.py, phi3.py): one format
+for _name in ("llama_like", "gemma3", "phi3"):
+    register_export_family(ExportFamily(_name, "hf_save_pretrained", _hf_inputs, _hf_forward, _hf_save, _hf_load))
 register_export_family(ExportFamily("timm_vit", "timm_safetensors", _timm_inputs, _timm_forward, _timm_save, _timm_load,
                                     needs_build=True))
 # models bound by discovery (permsparse.models.discovery): the same formats, found by what the model is

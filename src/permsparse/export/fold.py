@@ -197,10 +197,12 @@ def plan_fold(model: nn.Module, perms: Mapping[str, Tensor], spec: BindingSpec |
         elif ok:
             rows = isinstance(producer, OutputRows)
             into = list(producer.modules) if rows else [producer.module]  # type: ignore[attr-defined]
-            mismatch = [m for m in into if rows and _linear(model, m).out_features != perm.numel()]
+            chunks = producer.chunks if rows else 1  # type: ignore[attr-defined]
+            mismatch = [m for m in into if rows and _linear(model, m).out_features != chunks * perm.numel()]
             if mismatch:
+                parts = f"{chunks} x " if chunks > 1 else ""
                 ok, reason = False, (f"producer rows of {mismatch} ({_linear(model, mismatch[0]).out_features}) do not "
-                                     f"match the {perm.numel()} input channels (not an elementwise link); "
+                                     f"match {parts}the {perm.numel()} input channels (not an elementwise link); "
                                      "a runtime gather is needed")
                 into = []
             mode = FOLDED if ok else GATHERED
@@ -227,8 +229,9 @@ def _row_perms(model: nn.Module, spec: BindingSpec, plan: list[GroupFold]) -> di
             if name in rows:
                 raise ValueError(f"{name} would absorb two permutations (second from {fold.name}); binding spec bug")
             out_features = _linear(model, name).out_features
-            if isinstance(producer, OutputRows):
-                rows[name] = fold.perm
+            if isinstance(producer, OutputRows):  # every chunk of the output rows (a fused gate_up) alike
+                d = fold.perm.numel()
+                rows[name] = torch.cat([c * d + fold.perm for c in range(producer.chunks)])
             else:  # ValueRows: permute the value rows of every kv head by its local permutation
                 assert isinstance(producer, ValueRows)
                 head_dim, num_heads, num_kv_heads = producer.head_layout

@@ -14,9 +14,11 @@ from permsparse.models.binding import (
     register_spec,
 )
 from permsparse.models.discovery import DiscoveredSpec, discover_spec
+from permsparse.models.gemma3 import Gemma3Spec
 from permsparse.models.llama import LlamaLikeSpec
+from permsparse.models.phi3 import Phi3Spec
 from permsparse.models.vit import TimmViTSpec
 
 __all__ = ["SPECS", "BindingGroup", "BindingSpec", "Producer", "ResidualStream", "OutputRows", "ValueRows", "Opaque",
            "Discovered", "DiscoveredSpec", "discover_spec", "get_spec", "register_spec", "LlamaLikeSpec",
-           "TimmViTSpec"]
+           "Gemma3Spec", "Phi3Spec", "TimmViTSpec"]

@@ -49,13 +49,22 @@ class ResidualStream(Producer):
 @dataclass(frozen=True)
 class OutputRows(Producer):
     """The output rows of ``modules`` through an elementwise function (``down`` after ``gate``/``up``,
-    ``fc2`` after ``fc1``): always foldable into those rows (and biases)."""
+    ``fc2`` after ``fc1``): always foldable into those rows (and biases).
+
+    ``chunks``: each module's output is that many equal consecutive parts, each one elementwise-linked to the
+    group's input channels (a fused ``gate_up_proj`` whose output is split by ``chunk(2, dim=-1)`` into gate and
+    up, as in Phi-3): the permutation is applied to every part's rows alike.
+    """
 
     modules: tuple[str, ...]
+    chunks: int = 1
     kind: ClassVar[str] = "rows"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", tuple(self.modules))
+        if int(self.chunks) < 1:
+            raise ValueError(f"OutputRows.chunks must be >= 1, got {self.chunks}")
+        object.__setattr__(self, "chunks", int(self.chunks))
 
 
 @dataclass(frozen=True)

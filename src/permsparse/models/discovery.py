@@ -25,8 +25,10 @@ Each group's producer is :class:`~permsparse.models.binding.Discovered` (an ``Op
 who reads a tensor, not how it was made, so export applies these permutations with runtime gathers and says so
 per group. Discovery refuses, with a :class:`~permsparse.errors.ConfigError` naming the model class, the layer
 and the missing piece, a block that holds a transformers ``Conv1D`` (weights stored transposed: GPT-2 needs an
-explicit spec) and a linear inside a block whose forward the pass never called (an expert no token was routed to,
-or a weight the model uses through ``F.linear`` directly, as timm's EVA does for ``qkv`` with q/v biases).
+explicit spec), a block that holds weights stacked in a 3D tensor (transformers' mixture-of-experts layers: the
+experts would silently stay dense) and a linear inside a block whose forward the pass never called (an expert no
+token was routed to, or a weight the model uses through ``F.linear`` directly, as timm's EVA does for ``qkv`` with
+q/v biases).
 """
 
 from __future__ import annotations
@@ -256,6 +258,24 @@ def _refuse_conv1d(model: nn.Module, container: nn.Module, block_list: str) -> N
         )
 
 
+def _refuse_stacked_weights(model: nn.Module, container: nn.Module, block_list: str) -> None:
+    """Refuse weights stored as one stacked 3D tensor inside a block (transformers 5's mixture-of-experts layers keep
+    every expert's matrix in ``experts.gate_up_proj`` / ``experts.down_proj`` of shape ``(experts, d_out, d_in)``
+    and apply them with ``F.linear`` / grouped matmuls): no hook sees them, so discovery would silently leave the
+    experts dense. ``nn.Conv1d`` kernels (also 3D) are not weights of this kind."""
+    found = [f"{block_list}.{module_name}.{name}" if module_name else f"{block_list}.{name}"
+             for module_name, module in container.named_modules() if not isinstance(module, nn.Conv1d)
+             for name, param in module.named_parameters(recurse=False) if param.dim() == 3]
+    if found:
+        raise ConfigError(
+            f"binding discovery: {type(model).__name__} keeps weights as stacked 3D tensors inside its blocks "
+            f"({', '.join(found[:2])}{', ...' if len(found) > 2 else ''}; e.g. mixture-of-experts weights of shape "
+            "(experts, d_out, d_in)), which no nn.Linear hook sees and which pruning, calibration and export do not "
+            "handle. Missing piece: per-expert binding groups and pruning of stacked expert weights (an explicit "
+            f"BindingSpec for {type(model).__name__} with that support)"
+        )
+
+
 def _group_name(linears: list[str]) -> str:
     """``"model.layers.0.self_attn.q_proj+k_proj+v_proj"``: the common prefix, then each linear's rest."""
     if len(linears) == 1:
@@ -285,6 +305,7 @@ def discover_spec(model: nn.Module, example: Any = None) -> DiscoveredSpec:
                               "pass one: get_spec(model, example=...) or discover_spec(model, example)")
     block_list, container = find_block_list(model)
     _refuse_conv1d(model, container, block_list)
+    _refuse_stacked_weights(model, container, block_list)
     block_names = [n for n, _ in container.named_children()]
     block_of: dict[int, int] = {}
     for index, block in enumerate(container.children()):

@@ -13,22 +13,37 @@ from permsparse.models.binding import (
     register_spec,
 )
 
-__all__ = ["LlamaLikeSpec"]
+__all__ = ["LlamaLikeSpec", "hf_classes", "head_layout"]
 
 
-def _llama_like_classes() -> tuple[type, ...]:
+def hf_classes(*sources: tuple[str, tuple[str, ...]]) -> tuple[type, ...]:
+    """The classes ``names`` of each transformers ``module`` that this transformers version has (by class, so that a
+    spec matches by ``isinstance``, never by a name string)."""
     classes: list[type] = []
-    for module, names in (
-        ("transformers.models.llama.modeling_llama", ("LlamaForCausalLM", "LlamaModel")),
-        ("transformers.models.qwen2.modeling_qwen2", ("Qwen2ForCausalLM", "Qwen2Model")),
-        ("transformers.models.mistral.modeling_mistral", ("MistralForCausalLM", "MistralModel")),
-    ):
+    for module, names in sources:
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:  # pragma: no cover - depends on the transformers version
             continue
         classes += [getattr(mod, n) for n in names if hasattr(mod, n)]
     return tuple(classes)
+
+
+def _llama_like_classes() -> tuple[type, ...]:
+    return hf_classes(
+        ("transformers.models.llama.modeling_llama", ("LlamaForCausalLM", "LlamaModel")),
+        ("transformers.models.qwen2.modeling_qwen2", ("Qwen2ForCausalLM", "Qwen2Model")),
+        ("transformers.models.mistral.modeling_mistral", ("MistralForCausalLM", "MistralModel")),
+    )
+
+
+def head_layout(model: nn.Module) -> tuple[int, int, int]:
+    """``(head_dim, num_heads, num_kv_heads)`` of a Hugging Face decoder, from its config."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return int(head_dim), int(heads), int(kv_heads)
 
 
 @register_spec
@@ -41,6 +56,8 @@ class LlamaLikeSpec(BindingSpec):
     """
 
     family = "llama_like"
+    #: the norms of a decoder layer, each on the residual stream (weight, and bias where present)
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -60,10 +77,7 @@ class LlamaLikeSpec(BindingSpec):
         return [f"{root}layers.{i}" for i in range(len(decoder.layers))]
 
     def groups(self, model: nn.Module) -> list[BindingGroup]:
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        head_dim, heads, kv_heads = head_layout(model)
         out: list[BindingGroup] = []
         for i, p in enumerate(self.block_prefixes(model)):
             a, m = f"{p}.self_attn", f"{p}.mlp"
@@ -83,7 +97,7 @@ class LlamaLikeSpec(BindingSpec):
         decoder, root = self._decoder(model)
         out: list[tuple[str, int]] = [(f"{root}embed_tokens.weight", 1)]
         for p in self.block_prefixes(model):
-            for norm in ("input_layernorm", "post_attention_layernorm"):
+            for norm in self.layer_norms:
                 out.append((f"{p}.{norm}.weight", 0))
                 if getattr(model.get_submodule(f"{p}.{norm}"), "bias", None) is not None:  # not in stock Llama
                     out.append((f"{p}.{norm}.bias", 0))

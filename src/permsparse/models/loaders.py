@@ -76,9 +76,27 @@ def _is_complete_hf_folder(folder: Path) -> bool:
     )
 
 
+def _serialisable(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A GGUF-loaded model refuses ``save_pretrained`` (its quantizer is "not serializable"), although its weights
+    are plain dequantised tensors: the same model rebuilt from its config without the ``quantization_config``, with
+    the state dict moved over (so that export can save it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    config.dtype = dtype
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    clean.load_state_dict(model.state_dict(), assign=True)
+    clean.tie_weights()
+    return clean
+
+
 def _dequantise_smollm2_to(folder: Path) -> None:
     """Dequantise the GGUF checkpoint and save an fp32 copy (model + tokenizer) atomically to ``folder``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
     src, fname = str(gguf.parent), gguf.name
@@ -86,18 +104,7 @@ def _dequantise_smollm2_to(folder: Path) -> None:
     quantised = AutoModelForCausalLM.from_pretrained(
         src, gguf_file=fname, dtype=torch.float32, local_files_only=True
     )
-    # A GGUF-loaded model refuses save_pretrained (its quantizer is "not serializable"), although its
-    # weights are plain dequantised fp32 tensors: rebuild a clean model from the config without the
-    # quantization_config and move the state dict over.
-    cfg_dict = quantised.config.to_dict()
-    cfg_dict.pop("quantization_config", None)
-    cfg_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**cfg_dict)
-    config.dtype = torch.float32
-    with torch.device("meta"):
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(quantised.state_dict(), assign=True)
-    clean.tie_weights()
+    clean = _serialisable(quantised, torch.float32)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache copy is an ordinary readable folder
@@ -138,25 +145,34 @@ def load_smollm2(
 
 
 def load_hf_causal_lm(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any
+    name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, gguf_file: str | None = None,
+    **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """A Hugging Face causal LM and its tokenizer by hub id (``meta-llama/Llama-3.2-1B``) or local folder.
 
-    Hub ids need network access (and, for gated models, a logged-in token) unless already in the HF
-    cache; ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``, ``revision``).
+    ``gguf_file``: the name of a GGUF checkpoint inside that repository or folder (as SmolLM2's): its weights are
+    dequantised to ``dtype`` and the model rebuilt without the quantizer, so that export can save it. Hub ids need
+    network access (and, for gated models, a logged-in token) unless already in the HF cache; ``kwargs`` go to
+    ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``, ``revision``). ``dtype`` may be a name
+    (``"bfloat16"``), as a config gives it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    gguf = {"gguf_file": str(gguf_file)} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **gguf, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = f"{str(name_or_path)!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file else "")
         raise ConfigError(
-            f"could not load causal LM {str(name_or_path)!r} ({first}): hub models need network access to "
+            f"could not load causal LM {what} ({first}): hub models need network access to "
             "huggingface.co (gated ones also `huggingface-cli login`) or a local folder "
-            "(model.load.name_or_path=/path/to/model); offline, model=smollm2_135m works"
+            "(model.name_or_path=/path/to/model); offline, model=smollm2_135m works"
         ) from None
+    if gguf:
+        model = _serialisable(model, dtype)
     return model.eval(), tokenizer
 
 

@@ -19,11 +19,14 @@ __all__ = [
     "TINY_VIT_CONFIG",
     "CharTokenizer",
     "tiny_tokenizer",
+    "tiny_hf_tokenizer",
     "tiny_llama",
     "tiny_qwen2",
     "tiny_mistral",
     "tiny_phi",
     "tiny_opt",
+    "tiny_gemma3",
+    "tiny_phi3",
     "tiny_vit",
 ]
 
@@ -81,6 +84,18 @@ def tiny_tokenizer() -> CharTokenizer:
     return CharTokenizer()
 
 
+def tiny_hf_tokenizer() -> Any:
+    """The same ASCII character tokenizer as a Hugging Face fast tokenizer (``save_pretrained`` / ``AutoTokenizer``
+    round trip), built offline: saved beside a tiny model it makes a local folder that ``model=hf_causal_lm`` loads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(128)}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character a token
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?")
+
+
 def _seeded_build(seed: int, build: Any) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -130,6 +145,25 @@ def tiny_opt(seed: int = 0, **overrides: Any) -> nn.Module:
     cfg = OPTConfig(**{**base, "ffn_dim": TINY_LM_CONFIG["intermediate_size"],
                        "word_embed_proj_dim": TINY_LM_CONFIG["hidden_size"], **overrides})
     return _seeded_build(seed, lambda: OPTForCausalLM(cfg))
+
+
+def tiny_gemma3(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-layer ``Gemma3ForCausalLM`` (hidden 64, MLP 128, 4 query heads sharing **one** kv head, head_dim 16, vocab
+    128, tied embeddings): q/k norms, four norms per layer; layer 0 slides over 8 tokens, layer 1 attends fully."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return _lm(Gemma3TextConfig, Gemma3ForCausalLM, seed, {
+        "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"], **overrides})
+
+
+def tiny_phi3(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-layer ``Phi3ForCausalLM`` (as :func:`tiny_llama`): fused ``qkv_proj`` and ``gate_up_proj``."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # Phi-3's default special token ids (32000) lie outside the tiny vocabulary
+    return _lm(Phi3Config, Phi3ForCausalLM, seed, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                                   **overrides})
 
 
 def tiny_vit(seed: int = 0, **overrides: Any) -> nn.Module:

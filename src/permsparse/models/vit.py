@@ -1,4 +1,6 @@
-"""Binding spec for timm ``VisionTransformer`` (ViT, DeiT, ...): fused ``qkv``, ``proj``, ``fc1``, ``fc2``."""
+"""Binding spec for timm ``VisionTransformer`` and its subclasses (ViT, DeiT, DeiT III, DeiT distilled, ...): fused
+``qkv``, ``proj``, ``fc1``, ``fc2``. Models whose block differs (EVA, ...) are not ``VisionTransformer``s: discovery
+binds them."""
 
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ class TimmViTSpec(BindingSpec):
                 raise NotImplementedError(f"{p}.attn.proj is not an nn.Linear")
         add("norm", ("weight", "bias"), 0)
         add("fc_norm", ("weight", "bias"), 0)
-        if isinstance(getattr(model, "head", None), nn.Linear):
-            out.append(("head.weight", 1))
+        for head in ("head", "head_dist"):  # head_dist: DeiT distilled's second head reads the distillation token
+            if isinstance(getattr(model, head, None), nn.Linear):
+                out.append((f"{head}.weight", 1))
         return out

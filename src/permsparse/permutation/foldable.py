@@ -74,7 +74,8 @@ def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
         return False, RESIDUAL_REASON
     if isinstance(producer, OutputRows):
         mods = ", ".join(m.rsplit(".", 1)[-1] for m in producer.modules)
-        return True, f"folded into the output rows of {mods} (elementwise function in between)"
+        parts = f" (each of its {producer.chunks} fused parts)" if producer.chunks > 1 else ""
+        return True, f"folded into the output rows of {mods}{parts} (elementwise function in between)"
     if isinstance(producer, ValueRows):
         local, why = kv_head_perms(perm, *producer.head_layout)
         if local is None:
