@@ -244,3 +244,11 @@ def test_the_script_prints_the_tables_and_fails_in_one_line_on_a_non_run_folder(
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'} holds no results.json: not a run or sweep folder"]
+
+
+def test_only_filled_leaves_out_rows_and_metrics_without_runs(tmp_path):
+    runs = gather([_vit_sweep(tmp_path / "sweep")])
+    table = paper.table("table1")
+    text = markdown(table, fill(table, runs), only_filled=True)
+    assert "ViT-B/16 2:4" in text and "ViT-B/16 4:8" in text
+    assert "| ViT-L/14" not in text and "**top-5" not in text

@@ -217,23 +217,26 @@ def _cell_text(cell: Cell) -> str:
 _METRIC_NAMES = {"top1": "top-1 (%)", "top5": "top-5 (%)", "ppl": "perplexity", "zeroshot": "mean accuracy (%)"}
 
 
-def markdown(table: PaperTable, cells: Sequence[Cell]) -> str:
+def markdown(table: PaperTable, cells: Sequence[Cell], only_filled: bool = False) -> str:
     """The table in the paper's layout, one block per metric; each cell ``ours / paper`` (ours: mean ± standard
-    error over seeds when there are several)."""
+    error over seeds when there are several). ``only_filled``: leave out the rows and metrics no run fills."""
     by = {(c.row, c.column, c.metric): c for c in cells if c.table == table.key}
+    filled = {(c.row, c.metric) for c in by.values() if c.n}
+    rows = [r for r in table.rows if not only_filled or any((r.name, m) in filled for m in table.metrics)]
+    metrics = [m for m in table.metrics if not only_filled or any((r.name, m) in filled for r in rows)]
     lines = [f"## {table.key}: {table.title}", "",
              f"Paper: {CITATION}. Runs: `python train.py -m experiment={table.experiment}`. Each cell: ours / "
              "the paper's; ours is the mean ± standard error over seeds where there are several; \"–\": no run.", ""]
     if table.note:
         lines += [table.note, ""]
-    for metric in table.metrics:
-        keys = sorted({by[(r.name, c.name, metric)].metric_key for r in table.rows for c in table.columns
+    for metric in metrics:
+        keys = sorted({by[(r.name, c.name, metric)].metric_key for r in rows for c in table.columns
                        if by[(r.name, c.name, metric)].n} - {""})
         read = f" (read from {', '.join(keys)})" if keys else ""
         lines += [f"**{_METRIC_NAMES.get(metric, metric)}**{read}", "",
                   "| | " + " | ".join(c.name for c in table.columns) + " |",
                   "|---|" + "---|" * len(table.columns)]
-        for row in table.rows:
+        for row in rows:
             first = by[(row.name, table.columns[0].name, metric)]
             label = row.name + (f" (ours: {first.stand_in})" if first.stand_in else "")
             lines.append(f"| {label} | " + " | ".join(_cell_text(by[(row.name, c.name, metric)])
@@ -283,7 +286,7 @@ def _span(ax: Any, values: Sequence[float], log: bool) -> None:
     ax.set_xlim(lo - pad, hi + pad)
 
 
-def plot_metrics(table: PaperTable, cells: Sequence[Cell], path: str | Path) -> Path | None:
+def plot_metrics(table: PaperTable, cells: Sequence[Cell], path: str | Path, dpi: int = 110) -> Path | None:
     """One panel per (metric, row): each column's value, ours as a dot with standard-error bars over seeds and the
     paper's as a diamond, on an axis that spans the values. None (nothing written) when no cell has a value."""
     panels = [(m, r) for m in table.metrics for r in table.rows
@@ -324,7 +327,7 @@ def plot_metrics(table: PaperTable, cells: Sequence[Cell], path: str | Path) -> 
         axes[k // ncols][k % ncols].axis("off")
     fig.suptitle(f"{table.key}: ours (mean over seeds, bars: standard error) and the paper's", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 
@@ -334,7 +337,7 @@ def _learned_columns(table: PaperTable) -> list[Column]:
 
 
 def plot_curves(table: PaperTable, runs: Sequence[Run], path: str | Path,
-                models: Mapping[str, str] | None = None) -> Path | None:
+                models: Mapping[str, str] | None = None, dpi: int = 110) -> Path | None:
     """The learned permutation's validation loss against its step (``learning.history``), one line per run of
     every learned column, one panel per row. None when no such run has a history."""
     groups = matched(table, runs, models)
@@ -363,13 +366,13 @@ def plot_curves(table: PaperTable, runs: Sequence[Run], path: str | Path,
         ax.legend(fontsize=7)
     fig.suptitle(f"{table.key}: validation loss of the learned permutation", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 
 
 def plot_efficacy(table: PaperTable, runs: Sequence[Run], path: str | Path,
-                  models: Mapping[str, str] | None = None) -> Path | None:
+                  models: Mapping[str, str] | None = None, dpi: int = 110) -> Path | None:
     """Per-layer efficacy (``efficacy.per_group``, docs/method.md §5) of every permuted column, mean over seeds,
     one panel per row, the binding groups in layer order. None when no run has one."""
     groups = matched(table, runs, models)
@@ -405,7 +408,7 @@ def plot_efficacy(table: PaperTable, runs: Sequence[Run], path: str | Path,
     fig.suptitle(f"{table.key}: per-layer efficacy of each permutation (0: identity, 1: the row-wise bound)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
 
