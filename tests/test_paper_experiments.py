@@ -120,6 +120,17 @@ def test_offline_every_paper_job_stops_at_validation_naming_what_to_fetch(experi
             validate_config(cfg)
 
 
+def test_offline_a_local_model_folder_passes_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    cfg = compose_cfg(["experiment=paper_table6_pruners", f"model.load.name_or_path={tmp_path}"], tmp_path)
+    validate_config(cfg)  # a local folder needs no hub
+    cfg = compose_cfg(["experiment=paper_table6_pruners", f"model.load.name_or_path={tmp_path / 'no'}"], tmp_path)
+    with pytest.raises(ConfigError, match=f"model.load.name_or_path={tmp_path / 'no'} is not a folder"):
+        validate_config(cfg)
+
+
 def test_online_the_hub_model_is_left_to_the_loader(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

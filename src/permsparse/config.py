@@ -142,7 +142,10 @@ def _hub_offline() -> bool:
 def _in_hub_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
+    except ValueError:  # not a valid hub id (huggingface_hub's HFValidationError)
+        return False
 
 
 def _check_hub_model(cfg: DictConfig) -> None:
@@ -157,6 +160,9 @@ def _check_hub_model(cfg: DictConfig) -> None:
         name = str(load.get("name_or_path"))
         if Path(name).is_dir() or _in_hub_cache(name, ("config.json",)):
             return
+        if Path(name).is_absolute() or name.startswith((".", "~")):
+            raise ConfigError(f"model.load.name_or_path={name} is not a folder; point it at a model folder "
+                              "(config.json and weights) or at a hub id")
         raise ConfigError(f"model={cfg.model.name} needs {name} from the Hugging Face Hub, which is offline here and "
                           f"not in the local cache: download it where the hub is reachable (huggingface-cli download "
                           f"{name}; gated models after accepting the licence and huggingface-cli login) or point "
