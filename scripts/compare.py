@@ -15,28 +15,16 @@ import math
 import sys
 from pathlib import Path
 
+from permsparse.tables import gap_closed, main_metric, mean_sem
+
+__all__ = ["load_runs", "variant", "build_rows", "print_table", "plot", "main", "gap_closed", "main_metric"]
+
 
 def load_runs(root: Path) -> list[dict]:
     """Every run record below ``root`` (:class:`permsparse.runs.RunRecord`, as a dict with its folder)."""
     from permsparse.runs import RunRecord, find_runs
 
     return [{**RunRecord.read(run_dir).to_dict(), "_path": str(run_dir)} for run_dir in find_runs(root)]
-
-
-def main_metric(metrics: dict) -> str:
-    """The headline metric: the first perplexity if any (lower is better), else top-1."""
-    keys = list(metrics)
-    for key in keys:
-        if key.startswith("ppl"):
-            return key
-    return keys[0]
-
-
-def gap_closed(dense: float, identity: float, method: float, log_scale: bool) -> float:
-    """Share of the identity-to-dense gap closed by the method (log-perplexity for perplexities)."""
-    f = math.log if log_scale else (lambda x: x)
-    denom = f(identity) - f(dense)
-    return float("nan") if denom == 0 else (f(identity) - f(method)) / denom
 
 
 _NOT_A_VARIANT = ("hydra.", "progress=", "resume=", "logger=", "save_pruned=", "-m", "--multirun")
@@ -114,18 +102,6 @@ def _labels(rows: list[dict]) -> dict[int, str]:
             for i, ws in words.items()}
 
 
-def _mean_sem(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for one value); NaNs dropped."""
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, 0.0
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return mean, math.sqrt(var / len(vals))
-
-
 def plot(rows: list[dict], metric: str, out: Path, others: list[str] | None = None) -> None:
     """One panel per domain: the share of the identity-to-dense gap each method closes (log-perplexity or
     top-1), mean over seeds with standard-error bars, on an axis that spans the values (so 81.0 vs 82.6 top-1
@@ -157,7 +133,7 @@ def plot(rows: list[dict], metric: str, out: Path, others: list[str] | None = No
             for j, label in enumerate(labels):
                 vals = [float(r[field]) for i, r in enumerate(rows)
                         if names[i] == label and (r["model"], r["pattern"], r["pruner"]) == setup]
-                mean, sem = _mean_sem(vals)
+                mean, sem = mean_sem(vals)
                 if math.isnan(mean):
                     continue
                 ys.append(j + (k - (len(setups) - 1) / 2) * bar)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install permsparse and its offline assets on a fresh machine.
 #   bash scripts/install.sh         # the package + offline model/text assets
-#   bash scripts/install.sh --dev   # ... plus the test tools (pytest, hypothesis, ruff) and lm-eval (the zero-shot
+#   bash scripts/install.sh --dev   # ... plus the test tools (pytest, hypothesis, ruff, nbclient) and lm-eval (the zero-shot
 #                                   # evaluation, extra "zeroshot"), so that the tests exercise that path too
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -73,7 +73,10 @@ def test_missing_key_is_named():
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_composes_and_validates(experiment, tmp_path):
+def test_every_experiment_composes_and_validates(experiment, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     overrides = [f"experiment={experiment}"]
     cfg = compose_cfg(overrides, tmp_path)
     if cfg.dataset.name == "imagenet":  # a local ImageFolder: validation checks that it holds images
@@ -84,6 +87,15 @@ def test_every_experiment_composes_and_validates(experiment, tmp_path):
             (tmp_path / split / "n01440764" / "x.JPEG").write_bytes(b"")
         cfg = compose_cfg([*overrides, f"dataset.datamodule.root={tmp_path}"], tmp_path)
     assert cfg.experiment_name == experiment
+    if "load_smollm2" not in cfg.model.load._target_ and "offline_vit" not in cfg.model.load._target_:
+        # a hub model, offline (conftest) and not in the (empty) cache: validation names what to download
+        with pytest.raises(ConfigError, match="from the Hugging Face Hub, which is offline here"):
+            validate_config(cfg)
+        monkeypatch.setattr("permsparse.config._in_hub_cache", lambda repo, files: True)
+    if cfg.eval.lm_eval.get("tasks") and cfg.eval.lm_eval.get("data_dir") is None:
+        with pytest.raises(ConfigError, match="eval.lm_eval.data_dir is not set"):  # the tasks' data, offline
+            validate_config(cfg)
+        return
     validate_config(cfg)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -90,6 +91,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
     _check_image_folder(cfg)
     _check_model_source(cfg)
+    _check_hub_model(cfg)
     _check_zeroshot(cfg)
 
 
@@ -126,6 +128,57 @@ def _check_image_folder(cfg: DictConfig) -> None:
         if not any(p.is_file() for c in folder.iterdir() if c.is_dir() for p in c.iterdir()):
             raise ConfigError(f"dataset.datamodule.root={root}: {folder} holds no images (the dataset is empty); "
                               f"expected {root}/{split}/<class>/<image>")
+
+
+_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+#: files one of which a cached hub snapshot holds: a transformers model's config, a timm model's weights
+_TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off here (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set)."""
+    return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on") for key in _OFFLINE_FLAGS)
+
+
+def _in_hub_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
+    except ValueError:  # not a valid hub id (huggingface_hub's HFValidationError)
+        return False
+
+
+def _check_hub_model(cfg: DictConfig) -> None:
+    """With the hub switched off, a hub model (``load_hf_causal_lm`` by hub id, ``load_timm_vit`` with pretrained
+    weights) must already be in the local Hugging Face cache; otherwise one line says what to download or where to
+    point, before anything loads. Online nothing is checked here: the loader downloads what it needs."""
+    load = cfg.model.get("load")
+    if load is None or not _hub_offline():
+        return
+    target = str(load.get("_target_", ""))
+    if target.endswith(".load_hf_causal_lm"):
+        name = str(load.get("name_or_path"))
+        if Path(name).is_dir() or _in_hub_cache(name, ("config.json",)):
+            return
+        if Path(name).is_absolute() or name.startswith((".", "~")):
+            raise ConfigError(f"model.load.name_or_path={name} is not a folder; point it at a model folder "
+                              "(config.json and weights) or at a hub id")
+        raise ConfigError(f"model={cfg.model.name} needs {name} from the Hugging Face Hub, which is offline here and "
+                          f"not in the local cache: download it where the hub is reachable (huggingface-cli download "
+                          f"{name}; gated models after accepting the licence and huggingface-cli login) or point "
+                          "model.load.name_or_path=/path/to/model")
+    if target.endswith(".load_timm_vit") and load.get("pretrained", True) and not load.get("checkpoint_path"):
+        import timm
+
+        name = str(load.get("name"))
+        pretrained = timm.models.get_pretrained_cfg(name)
+        repo = str(getattr(pretrained, "hf_hub_id", None) or "").split("@")[0]
+        if not repo or _in_hub_cache(repo, _TIMM_WEIGHTS):
+            return  # no hub weights to check (an unknown name fails in the loader with timm's message)
+        raise ConfigError(f"model={cfg.model.name} needs the timm weights {repo} from the Hugging Face Hub, which is "
+                          f"offline here and not in the local cache: download them where the hub is reachable "
+                          f"(huggingface-cli download {repo}) or point model.load.checkpoint_path=/path/to/weights")
 
 
 def _check_zeroshot(cfg: DictConfig) -> None:
