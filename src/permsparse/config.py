@@ -13,9 +13,11 @@ from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
 
-__all__ = ["ConfigError", "validate_config", "build_method"]
+__all__ = ["ConfigError", "validate_config", "build_method", "LEARNING_MODES"]
 
 _TASKS = {"causal_lm", "image_classification"}
+#: ``learning.mode``: end to end (the default), block-local (issue 13: planned by ``permsparse.plan``, not yet trained)
+LEARNING_MODES = ("e2e", "block")
 
 
 def _require(cfg: DictConfig, key: str) -> object:
@@ -83,6 +85,12 @@ def validate_config(cfg: DictConfig) -> None:
                 f"perm=learned with learning.max_epochs={epochs} and learning.max_steps={steps} trains nothing; "
                 "set learning.max_epochs >= 1 or learning.max_steps >= 1"
             )
+        mode = cfg.learning.get("mode", "e2e")
+        if mode not in LEARNING_MODES:
+            raise ConfigError(f"learning.mode={mode!r} is invalid; choose e2e (end to end) or block (block-local)")
+        if mode == "block":
+            raise ConfigError("learning.mode=block (block-local learning) is not implemented in training yet; "
+                              "`python -m permsparse.plan learning.mode=block ...` shows what it would hold per device")
         every = cfg.learning.get("checkpoint_every_n_steps")
         if every is not None:
             _positive_int(cfg, "learning.checkpoint_every_n_steps")

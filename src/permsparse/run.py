@@ -33,6 +33,7 @@ from permsparse.permutation.base import PermutationMethod
 from permsparse.permutation.foldable import restrict_if_foldable
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import shared_residual_if
+from permsparse.plan import check_plan
 from permsparse.prune import PruneReport, check_model_divisible, prune_model, prune_model_sequential
 from permsparse.runs import CHECKPOINT, PERMS, PRUNED, RESULTS, RunRecord, build_model
 from permsparse.sparsity.calibration import collect_stats
@@ -321,6 +322,8 @@ def train(cfg: DictConfig) -> dict:
     validate_config(cfg)
     method = build_permutation(cfg)
     learned = isinstance(method, LearnedPermutation)
+    if learned:
+        check_plan(cfg)  # a run that cannot fit a declared (or a GPU's) memory stops here, before any weight loads
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer()

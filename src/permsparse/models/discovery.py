@@ -229,7 +229,13 @@ class _Call:
 
 
 def _tensor_key(x: Tensor) -> tuple:
-    """Same key <=> same values: the same view of the same storage, not written in place in between."""
+    """Same key <=> same values: the same view of the same storage, not written in place in between.
+
+    A meta-device tensor (a model built from its config alone, as the planner does) has no storage address: the
+    root of its view chain (``_base``), which the pass keeps alive, stands for the storage."""
+    if x.device.type == "meta":
+        root = x._base if x._base is not None else x
+        return ("meta", id(root), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
     try:
         ptr = x.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):  # tensors without a plain storage: identity only

@@ -1,0 +1,206 @@
+"""The memory planner against the tensors a learned run really allocates (docs/planning.md).
+
+The exact rows (weights, scores, masks, costs, gradients, optimiser states, workspaces, Sinkhorn intermediates) must
+equal the bytes of the run's own tensors; what autograd saves in one step (masked weights and activations) must
+agree with the meta-device trace to within 0.1 %, and the teacher's capture exactly. Peak memory end to end is
+``scripts/bench_plan.py``'s job: CPU RSS is too noisy to test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import TINY_LM, TINY_VIT, compose_cfg
+
+from permsparse.config import validate_config
+from permsparse.errors import ConfigError
+from permsparse.lit.callbacks import PermutationLearning
+from permsparse.plan import _group_plans, main, meta_model, parse_bytes, plan_run
+from permsparse.run import train
+
+QUICK = ["perm=learned", "eval.identity_baseline=false", "eval.dense_baseline=false", "learning.max_steps=2",
+         "save_pruned=false"]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Measure:
+    """Records, from a real run's first training step, the tensors the learned method holds and what autograd saves:
+    during the Sinkhorn refresh (``sinkhorn``) and during the forward pass (``step``), each storage once, leaving out
+    the persistent ones (weights, scores, masks, workspaces, costs) and the teacher's outputs (counted apart)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.saved: dict[str, dict[int, int]] = {"sinkhorn": {}, "step": {}}
+        self.teacher: dict[int, int] = {}
+        self.output: tuple[int, int] | None = None
+        self.held: dict[str, int] = {}
+        self._stack = contextlib.ExitStack()
+        start, end = PermutationLearning.on_train_batch_start, PermutationLearning.on_train_batch_end
+        measure = self
+
+        def on_start(callback, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                measure._begin(pl_module)
+            start(callback, trainer, pl_module, batch, batch_idx)
+            measure.phase = "step"
+
+        def on_end(callback, trainer, pl_module, outputs, batch, batch_idx):
+            if not measure.held:  # after the first optimiser step
+                measure._stack.close()
+                measure._end(trainer, pl_module)
+            end(callback, trainer, pl_module, outputs, batch, batch_idx)
+
+        monkeypatch.setattr(PermutationLearning, "on_train_batch_start", on_start)
+        monkeypatch.setattr(PermutationLearning, "on_train_batch_end", on_end)
+
+    def _begin(self, pl_module) -> None:
+        learned = pl_module.permutations
+        key = self._key
+        self.persistent = {key(t) for t in [*pl_module.model.parameters(), *pl_module.model.buffers(),
+                                            *learned.parameters(), *learned.buffers()]}
+        for state in learned._states.values():
+            self.persistent |= {key(t) for t in [*state.scores_t.values(), *state.masks_t.values()]}
+        self.persistent |= {key(m.workspace) for m, _, _ in learned._masked if m.workspace is not None}
+        self.phase = "sinkhorn"
+
+        def pack(t):
+            k = key(t)
+            if k not in self.persistent and k not in self.teacher and all(k not in d for d in self.saved.values()):
+                self.saved[self.phase][k] = t.untyped_storage().nbytes()
+            return t
+
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        forward = pl_module.forward_with_blocks
+
+        def forward_with_blocks(batch):
+            output, captured = forward(batch)
+            if self.held:
+                return output, captured
+            if not torch.is_grad_enabled():
+                self.teacher.update({key(t): t.untyped_storage().nbytes() for t in [*captured, output]})
+            else:
+                self.output = (key(output), output.untyped_storage().nbytes())
+            return output, captured
+
+        pl_module.forward_with_blocks = forward_with_blocks
+
+    @staticmethod
+    def _key(t) -> int:
+        return t.untyped_storage().data_ptr()
+
+    def _end(self, trainer, pl_module) -> None:
+        learned = pl_module.permutations
+        states = learned._states.values()
+        optimizer = trainer.optimizers[0]
+        self.held = {
+            "frozen weights": sum(t.untyped_storage().nbytes() for t in
+                                  {id(t): t for t in [*pl_module.model.parameters(), *pl_module.model.buffers()]}
+                                  .values()),
+            "pruner scores": _nbytes(t for s in states for t in s.scores_t.values()),
+            "masks": _nbytes(t for s in states for t in s.masks_t.values()),
+            "costs + Sinkhorn potentials": _nbytes([*learned.parameters(), *learned.buffers()]),
+            "cost gradients": _nbytes(p.grad for p in learned.parameters() if p.grad is not None),
+            "optimiser states (AdamW)": _nbytes(v for s in optimizer.state.values() for v in s.values()
+                                                if torch.is_tensor(v)),
+            "gradient workspaces": _nbytes(m.workspace for m, _, _ in learned._masked if m.workspace is not None),
+        }
+
+    def step_saved(self) -> int:
+        output_key, output_bytes = self.output
+        return sum(self.saved["step"].values()) + (0 if output_key in self.saved["step"] else output_bytes)
+
+
+@pytest.mark.parametrize("overrides", [
+    [*TINY_LM, "perm.method.grad_precision=bfloat16"],  # with gradient workspaces
+    [*TINY_LM, "perm.foldable=true", "perm.method.grad_precision=float32"],  # tied head costs (GQA)
+    [*TINY_VIT, "perm.method.grad_precision=float32", "learning.train_samples=32"],
+], ids=["llama-bf16-workspace", "llama-foldable", "vit"])
+def test_planned_bytes_equal_what_a_learned_run_allocates(tmp_path, monkeypatch, overrides):
+    cfg = compose_cfg([*overrides, *QUICK], tmp_path)
+    plan = plan_run(cfg)
+    measured = _Measure(monkeypatch)
+    train(cfg)
+
+    for name, value in measured.held.items():
+        assert plan.item(name).bytes == value, name
+    model, _ = meta_model(cfg.model)
+    from permsparse.config import build_method
+    from permsparse.models.binding import get_spec
+    from permsparse.sparsity.nm import NMPattern
+
+    groups = _group_plans(model, get_spec(model).groups(model), build_method(cfg), NMPattern(2, 4))
+    tied = sum((g.blocks - g.free) * g.g * g.g * 4 for g in groups)  # alive in the groups' P, not saved by autograd
+    assert ("foldable=true" in " ".join(overrides)) == (tied > 0)
+    assert plan.item("Sinkhorn / permutation intermediates").bytes - tied == sum(measured.saved["sinkhorn"].values())
+    assert plan.item("distillation teacher capture").bytes == sum(measured.teacher.values())
+    planned = plan.item("masked weights kept for backward").bytes + plan.item("activations (one step)").bytes
+    assert planned == pytest.approx(measured.step_saved(), rel=1e-3)
+
+
+def test_train_stops_with_the_table_before_loading_weights(tmp_path, monkeypatch):
+    import permsparse.run as run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded although the plan does not fit")
+
+    monkeypatch.setattr(run, "_load", no_load)
+    with pytest.raises(ConfigError, match="does not fit the device memory") as err:
+        train(compose_cfg([*TINY_LM, "perm=learned", "plan.device_memory=1MB"], tmp_path))
+    assert "DOES NOT FIT" in str(err.value) and "masks" in str(err.value) and "activations" in str(err.value)
+
+
+def test_block_mode_is_planned_not_trained(tmp_path):
+    e2e = plan_run(compose_cfg([*TINY_LM, "perm=learned"], tmp_path))
+    cfg = compose_cfg([*TINY_LM, "perm=learned", "learning.mode=block"], tmp_path)
+    block = plan_run(cfg)
+    assert block.total < e2e.total
+    assert block.item("masks").bytes * 2 == e2e.item("masks").bytes  # one of two identical blocks
+    assert any("not implemented in training yet" in n for n in block.notes)
+    with pytest.raises(ConfigError, match="learning.mode=block"):
+        validate_config(cfg)
+
+
+def test_the_issue_shapes_plan_offline_from_their_yaml(tmp_path):
+    """LLaMA-2 shapes without network (conftest sets HF_HUB_OFFLINE): 7B's 6,738,415,616 parameters in fp32; its
+    block-local run fits 24 GB, its end-to-end run does not fit 80 GB (the cold Sinkhorn's saved iterates are the
+    largest row); a 70B block-local run fits 80 GB."""
+    gpu = ["perm=learned", "trainer=gpu"]
+    e2e = plan_run(compose_cfg(["model=llama2_7b", *gpu, "plan.device_memory=80GB"], tmp_path))
+    assert "shape fallback" in e2e.title[0]
+    assert abs(e2e.item("frozen weights").bytes - 6_738_415_616 * 4) < 2**20  # + the rotary buffers
+    assert e2e.fits is False and e2e.enforced
+    assert max(e2e.items, key=lambda i: i.bytes).name == "Sinkhorn / permutation intermediates"
+    block = plan_run(compose_cfg(["model=llama2_7b", *gpu, "learning.mode=block", "plan.device_memory=24GB"],
+                                 tmp_path))
+    assert block.fits is True
+    big = plan_run(compose_cfg(["model=llama2_70b", *gpu, "learning.mode=block", "plan.device_memory=80GB"],
+                               tmp_path))
+    assert big.fits is True
+
+
+def test_fsdp_and_ddp_are_arithmetic_on_the_single_device_plan(tmp_path):
+    single = plan_run(compose_cfg([*TINY_LM, "perm=learned"], tmp_path))
+    ddp = plan_run(compose_cfg([*TINY_LM, "perm=learned", "trainer=ddp"], tmp_path))
+    fsdp = plan_run(compose_cfg([*TINY_LM, "perm=learned", "trainer=ddp", "trainer.strategy=fsdp"], tmp_path))
+    costs = single.item("cost gradients").bytes
+    assert ddp.total == single.total + costs  # + the DDP gradient buckets
+    assert fsdp.item("masks").bytes == single.item("masks").bytes // 2
+    assert fsdp.item("activations (one step)").bytes == single.item("activations (one step)").bytes
+    assert ddp.steps == single.steps // 2  # the data is split across the two ranks
+
+
+def test_sizes_parse_in_si_and_binary_units():
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("24G") == 24 * 10**9 and parse_bytes(1024) == 1024 and parse_bytes(None) is None
+    with pytest.raises(ConfigError, match="plan.device_memory"):
+        parse_bytes("lots")
+
+
+def test_the_command_line_prints_the_table_and_says_when_it_does_not_fit(capsys):
+    assert main([*TINY_LM, "perm=learned", "device_memory=1KB"]) == 1  # device_memory= is short for plan.*
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "optimiser states (AdamW)" in out and "FLOPs" in out
