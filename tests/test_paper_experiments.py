@@ -127,7 +127,7 @@ def test_offline_a_local_model_folder_passes_and_a_missing_one_is_named(tmp_path
     cfg = compose_cfg(["experiment=paper_table6_pruners", f"model.load.name_or_path={tmp_path}"], tmp_path)
     validate_config(cfg)  # a local folder needs no hub
     cfg = compose_cfg(["experiment=paper_table6_pruners", f"model.load.name_or_path={tmp_path / 'no'}"], tmp_path)
-    with pytest.raises(ConfigError, match=f"model.load.name_or_path={tmp_path / 'no'} is not a folder"):
+    with pytest.raises(ConfigError, match=f"model.load.name_or_path={tmp_path / 'no'}: no such folder"):
         validate_config(cfg)
 
 

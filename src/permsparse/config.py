@@ -166,12 +166,9 @@ def _check_hub_model(cfg: DictConfig) -> None:
         return
     target = str(load.get("_target_", ""))
     if target.endswith(".load_hf_causal_lm"):
-        name = str(load.get("name_or_path"))
-        if Path(name).is_dir() or _in_hub_cache(name, ("config.json",)):
+        name = str(load.get("name_or_path"))  # a local path was checked by _check_model_source
+        if Path(name).expanduser().is_dir() or _in_hub_cache(name, ("config.json",)):
             return
-        if Path(name).is_absolute() or name.startswith((".", "~")):
-            raise ConfigError(f"model.load.name_or_path={name} is not a folder; point it at a model folder "
-                              "(config.json and weights) or at a hub id")
         raise ConfigError(f"model={cfg.model.name} needs {name} from the Hugging Face Hub, which is offline here and "
                           f"not in the local cache: download it where the hub is reachable (huggingface-cli download "
                           f"{name}; gated models after accepting the licence and huggingface-cli login) or point "

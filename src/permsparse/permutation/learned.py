@@ -172,8 +172,8 @@ class LearnedPermutation:
 
     groups: int = 4
     block_size: int | None = None
-    init: str | Mapping[str, Tensor] = "identity"
-    init_scale: float = 0.05
+    init: str | Mapping[str, Tensor] = "ria"
+    init_scale: float = 0.25
     noise: float = 0.01
     normalize: bool = True
     mode: str = "hard"
