@@ -131,7 +131,7 @@ def test_every_permutation_method_is_built_by_its_target(perm):
     method = build_permutation(cfg)
     learned = cfg.perm.method._target_.endswith("LearnedPermutation")
     assert isinstance(method, LearnedPermutation if learned else PermutationMethod)
-    assert learned == (perm in ("learned", "permllm"))
+    assert learned == (perm in ("learned", "learned_paper", "permllm"))
 
 
 def test_sparsegpt_selects_the_published_block_by_block_calibration_unless_overridden():
