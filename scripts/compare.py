@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from permsparse.tables import gap_closed, main_metric, mean_sem
+from permsparse.tables import gap_closed, main_metric, mean_sem, phase_metrics
 
 __all__ = ["load_runs", "variant", "build_rows", "print_table", "plot", "main", "gap_closed", "main_metric"]
 
@@ -54,7 +54,7 @@ def build_rows(runs: list[dict]) -> tuple[list[dict], str, list[str]]:
     rows = []
     for run in runs:
         m = run["metrics"]
-        identity_of = m.get("identity", m["pruned"] if run["perm"] == "none" else {})
+        identity_of = phase_metrics(m, run["perm"], "identity") or {}
         dense_of = m.get("dense", {})  # absent in a selection run (eval.dense_baseline=false)
         dense = dense_of.get(metric, float("nan"))
         pruned = m["pruned"][metric]

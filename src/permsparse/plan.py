@@ -793,14 +793,13 @@ def _hints(items: list[Item]) -> list[str]:
 
 def check_plan(cfg: DictConfig) -> Plan | None:
     """``train.py``'s check before it loads anything: raise :class:`ConfigError` with the table when the run cannot
-    fit a declared ``plan.device_memory`` (or a GPU's own memory); otherwise log the plan at INFO. A learned run only
-    (heuristic methods hold the model and calibration only); ``plan.check=false`` skips it. A planner failure other
-    than a config error is logged and never stops the run."""
+    fit a declared ``plan.device_memory`` (or a GPU's own memory); otherwise log the plan at INFO. For a learned run
+    only: :func:`permsparse.run.train` calls it when its built method is learned (heuristic methods hold the model
+    and calibration only). ``plan.check=false`` skips it. A planner failure other than a config error is logged and
+    never stops the run."""
     if not OmegaConf.select(cfg, "plan.check", default=True):
         return None
     try:
-        if not isinstance(build_method(cfg), LearnedPermutation):
-            return None
         plan = plan_run(cfg)
     except ConfigError:
         raise

@@ -20,7 +20,7 @@ from typing import Any
 from permsparse.paper import CITATION, MISSING_DEFAULTS, TABLES, ZEROSHOT_TASKS, Column, PaperTable, Row
 from permsparse.runs import RunRecord, find_runs
 
-__all__ = ["mean_sem", "main_metric", "gap_closed", "Run", "Cell", "gather", "config_value", "matches",
+__all__ = ["mean_sem", "main_metric", "gap_closed", "phase_metrics", "Run", "Cell", "gather", "config_value", "matches",
            "metric_value", "matched", "fill", "markdown", "write_csv", "plot_metrics", "plot_curves",
            "plot_efficacy", "make_tables"]
 
@@ -101,14 +101,21 @@ def matches(record: RunRecord, match: Mapping[str, Any]) -> bool:
     return all(_equal(config_value(record, key), wanted) for key, wanted in match.items())
 
 
+def phase_metrics(metrics: Mapping[str, Any], perm: str, phase: str) -> Any:
+    """One phase's metrics of a run (``results.json``'s ``metrics[phase]``), or None; the ``identity`` phase of a
+    ``perm=none`` run is its ``pruned`` phase (the same model), which such runs do not record twice."""
+    found = metrics.get(phase)
+    if found is None and phase == "identity" and perm == "none":
+        found = metrics.get("pruned")
+    return found
+
+
 def metric_value(record: RunRecord, phase: str, metric: str) -> tuple[float, str] | None:
     """``(value, metric key)`` of a table metric in one phase of a run, or None when the run lacks it.
 
     ``identity`` of a ``perm=none`` run is its ``pruned`` phase (the same thing). ``ppl`` is the phase's first
     perplexity; ``zeroshot`` the mean ``acc`` over the paper's seven tasks in percent (all seven needed)."""
-    metrics = record.metrics.get(phase)
-    if metrics is None and phase == "identity" and record.perm == "none":
-        metrics = record.metrics.get("pruned")
+    metrics = phase_metrics(record.metrics, record.perm, phase)
     if not metrics:
         return None
     if metric == "ppl":
