@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,97 @@ def test_resumable_sampler_skips_ahead_shards_and_reshuffles_per_epoch():
     assert all(len(s) == len(Rank(10, seed=3)) == 4 for s in shards)  # padded to equal length
     assert sum(len(s) for s in shards) == 12  # 10 samples and 2 repeated to pad, as DistributedSampler does
     assert set(i for s in shards for i in s) == set(range(10))
+
+
+def test_eval_corpus_scores_another_corpus_while_calibration_stays_on_the_training_one() -> None:
+    from permsparse.lit.data import TextDataModule
+
+    tok = tiny_tokenizer()
+    kw = {"seq_len": 32, "eval_windows": 3, "second_domain": None, "seed": 1}
+    own, other = TextDataModule(tok, corpus="shakespeare", **kw), TextDataModule(tok, corpus="shakespeare",
+                                                                                 eval_corpus="kjv", **kw)
+    # the same calibration and training windows: only the scored text changes
+    for a, b in zip(own.calibration_batches(4, 2), other.calibration_batches(4, 2), strict=True):
+        assert torch.equal(a, b)
+    kjv = T.load_token_split("kjv", tok).eval
+    assert torch.equal(other._load()["eval"], kjv)
+    model = tiny_llama(seed=0)
+    got = other.evaluate(model, batch_size=2, progress=False)
+    assert list(got) == ["ppl_kjv"]
+    assert got["ppl_kjv"] == pytest.approx(T.perplexity(model, T.eval_windows(kjv, 3, 32), batch_size=2))
+    assert got["ppl_kjv"] != pytest.approx(own.evaluate(model, batch_size=2, progress=False)["ppl_shakespeare"])
+    assert other.describe()["eval_corpus"] == "kjv" and own.describe()["eval_corpus"] == "shakespeare"
+
+
+@pytest.mark.parametrize("bad", ["wikitext", "shakespeare", "pydoc"])
+def test_eval_corpus_that_is_no_corpus_or_repeats_one_is_a_config_error(bad: str) -> None:
+    from permsparse.errors import ConfigError
+    from permsparse.lit.data import TextDataModule
+
+    with pytest.raises(ConfigError, match="eval_corpus"):
+        TextDataModule(tiny_tokenizer(), corpus="shakespeare", second_domain="pydoc", eval_corpus=bad)
+
+
+def test_topk_accuracy_counts_labels_among_the_k_largest_logits() -> None:
+    from permsparse.data.vision import topk_accuracy
+
+    class Ranked(torch.nn.Module):
+        """Logits that rank class c at position (c + shift) % 10, shift read from the input."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shift = x[:, 0].long()
+            ranks = (torch.arange(10).view(1, 10) + shift.view(-1, 1)) % 10  # rank of each class
+            return -ranks.float()  # rank 0 = largest logit
+
+    # label 0 sits at rank `shift`: shifts 0..9 put it at every rank once
+    x, y = torch.arange(10).float().view(10, 1), torch.zeros(10, dtype=torch.long)
+    got = topk_accuracy(Ranked(), (x, y), ks=(1, 3, 5), batch_size=3)
+    assert got == {1: pytest.approx(10.0), 3: pytest.approx(30.0), 5: pytest.approx(50.0)}
+    assert top1(Ranked(), (x, y)) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="11 but the model has 10 classes"):
+        topk_accuracy(Ranked(), (x, y), ks=(1, 11))
+
+
+def _image_folder(root: Path, classes: int = 2, per_class: int = 6) -> Path:
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = g.integers(0, 256, size=(48, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"n{c:08d}" / f"{i}.JPEG")
+    return root
+
+
+def test_imagenet_folder_uses_the_bound_models_own_eval_transform(tmp_path: Path) -> None:
+    from permsparse.lit.data import ImageDataModule
+
+    root = _image_folder(tmp_path / "imagenet")
+    model = tiny_vit()
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+                            "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    bound, unbound = ImageDataModule("imagenet", root=str(root)), ImageDataModule("imagenet", root=str(root))
+    bound.bind_model(model)
+    x_bound, x_default = bound._load()["test"][0][0], unbound._load()["test"][0][0]
+    assert x_bound.shape == (3, 32, 32) and x_default.shape == (3, 224, 224)
+    # the model's mean 0.5 / std 0.25 maps [0, 1] onto [-2, 2]; timm's ImageNet defaults do not
+    assert x_bound.min() >= -2.0 - 1e-5 and x_bound.max() <= 2.0 + 1e-5 and x_bound.min() < -1.5
+    assert "mean=tensor([0.5000, 0.5000, 0.5000])" in bound.describe()["eval_transform"]
+
+
+def test_imagenet_validation_images_do_not_overlap_the_training_images(tmp_path: Path) -> None:
+    from permsparse.lit.data import ImageDataModule
+
+    dm = ImageDataModule("imagenet", root=str(_image_folder(tmp_path / "imagenet")), seed=3)
+    train = set(dm.train_dataloader(n=7, batch_size=7).dataset.indices)
+    val = set(dm.val_dataloader(n=5, batch_size=5).dataset.indices)
+    assert len(train) == 7 and len(val) == 5 and not train & val  # 12 images: the two fill the folder
+
+
+def test_image_evaluation_reports_top1_and_top5() -> None:
+    from permsparse.lit.data import ImageDataModule
+
+    got = ImageDataModule("digits").evaluate(tiny_vit(), batch_size=512, progress=False)
+    assert list(got) == ["top1", "top5"] and 0.0 <= got["top1"] <= got["top5"] <= 100.0

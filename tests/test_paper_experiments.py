@@ -60,7 +60,8 @@ def test_table2_runs_both_llamas_with_every_method_and_the_seven_tasks(tmp_path)
                ("wanda", "learned")]
     assert got == sorted((m, *meth) for m in ("llama3_2_1b", "llama2_7b") for meth in methods)
     for c in cfgs:
-        assert (c.dataset.name, c.dataset.datamodule.seq_len, c.sparsity.name) == ("wikitext2", 4096, "2:4")
+        assert (c.dataset.name, c.dataset.datamodule.seq_len, c.sparsity.name) == ("c4_wikitext2", 4096, "2:4")
+        assert (c.dataset.datamodule.corpus, c.dataset.datamodule.eval_corpus) == ("c4", "wikitext2")
         assert (c.perm.optimizer.lr, c.learning.max_epochs, c.calibration.samples) == (1e-4, 20, 128)
         assert list(c.eval.lm_eval.tasks) == ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa",
                                               "winogrande", "mmlu"]

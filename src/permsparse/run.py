@@ -235,6 +235,8 @@ def _load(cfg: DictConfig, method: Any, pattern: NMPattern) -> _Setup:
                           check=(lambda d_in, name: method.blocks_for(d_in, pattern.m, name)) if learned else None)
     dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
     datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
+    if hasattr(datamodule, "bind_model"):
+        datamodule.bind_model(model)  # an ImageNet folder then uses the model's own eval transform
     pruner = instantiate(cfg.pruner.method)
     return _Setup(model, datamodule, pruner, pattern, [n for g in groups for n in g.linears])
 

@@ -1,4 +1,4 @@
-"""Image data sets that work offline (digits, Fashion-MNIST) plus a local ImageNet folder, and top-1.
+"""Image data sets that work offline (digits, Fashion-MNIST) plus a local ImageNet folder, and top-k accuracy.
 
 Conventions: images are float32 tensors ``(N, C, H, W)`` with values in ``[0, 1]`` and *no* further
 normalisation (the offline ViT teachers in ``permsparse/assets`` were trained on exactly this, and a
@@ -29,6 +29,7 @@ __all__ = [
     "load_image_dataset",
     "load_imagenet_folder",
     "top1",
+    "topk_accuracy",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -209,18 +210,34 @@ def _batches(
         yield from data
 
 
-@torch.no_grad()
 def top1(
     model: nn.Module,
     data: DataLoader | Dataset | tuple[Tensor, Tensor],
     batch_size: int = 512,
     progress: bool = False,
 ) -> float:
-    """Top-1 accuracy **in percent** (0-100) of ``model`` on a DataLoader, Dataset or ``(images, labels)``.
+    """Top-1 accuracy **in percent** (0-100) of ``model`` on a DataLoader, Dataset or ``(images, labels)``
+    (:func:`topk_accuracy` with ``ks=(1,)``)."""
+    return topk_accuracy(model, data, ks=(1,), batch_size=batch_size, progress=progress)[1]
+
+
+@torch.no_grad()
+def topk_accuracy(
+    model: nn.Module,
+    data: DataLoader | Dataset | tuple[Tensor, Tensor],
+    ks: tuple[int, ...] = (1, 5),
+    batch_size: int = 512,
+    progress: bool = False,
+) -> dict[int, float]:
+    """Top-k accuracy **in percent** for every ``k`` in ``ks``, in one pass: ``{k: percent}``. A sample counts for
+    ``k`` when its label is among the ``k`` largest logits (ties broken by ``torch.topk``).
 
     Runs in eval mode under ``no_grad`` on the model's device and restores the previous train/eval
-    mode afterwards. An empty data set raises ``ValueError`` rather than returning a silent 0.
+    mode afterwards. An empty data set, or a ``k`` above the number of classes, raises ``ValueError`` rather
+    than returning a silent number.
     """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"topk_accuracy: ks={ks} must be positive integers")
     was_training = model.training
     model.eval()
     try:
@@ -231,14 +248,20 @@ def top1(
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="top-1", leave=False)
-        correct = total = 0
+            batches = tqdm(batches, desc="top-k", leave=False)
+        correct = dict.fromkeys(ks, 0)
+        total = 0
         for x, y in batches:
             logits = model(x.to(device=device, dtype=dtype))
-            correct += int((logits.argmax(-1).cpu() == y).sum())
+            if max(ks) > logits.shape[-1]:
+                raise ValueError(f"topk_accuracy: k={max(ks)} but the model has {logits.shape[-1]} classes")
+            top = logits.topk(max(ks), dim=-1).indices.cpu()
+            hit = top == y.view(-1, 1)
+            for k in ks:
+                correct[k] += int(hit[:, :k].any(dim=1).sum())
             total += len(y)
     finally:
         model.train(was_training)
     if total == 0:
-        raise ValueError("top1: the data set is empty")
-    return 100.0 * correct / total
+        raise ValueError("top-k accuracy: the data set is empty")
+    return {k: 100.0 * correct[k] / total for k in ks}

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
+from permsparse.errors import ConfigError
+
 __all__ = ["ImageDataModule", "MixtureTextDataModule", "ResumableSampler", "TextDataModule"]
 
 
@@ -80,12 +82,22 @@ def _check_count(what: str, n: int, available: int) -> None:
 
 class ImageDataModule(pl.LightningDataModule):
     """Image classification: calibration and training from the train split, validation from a held-out
-    part of it, top-1 on the test split (ImageNet: the ``val`` folder)."""
+    part of it, top-1 and top-5 on the test split (ImageNet: the ``val`` folder).
+
+    ImageNet images go through the evaluation transform of the model the run holds (resize, crop, mean and std
+    from its timm pretrained config), once :meth:`bind_model` has been given it; the run does so right after it
+    loads the model. Without a bound model, timm's ImageNet defaults at 224 pixels apply.
+    """
 
     def __init__(self, dataset: str = "digits", root: str | None = None, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         self.dataset, self.root, self.seed, self.num_workers = dataset, root, seed, num_workers
         self._splits: Any = None
+        self._model: nn.Module | None = None
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Use ``model``'s own evaluation transform for ImageNet folders (before the first read)."""
+        self._model = model
 
     def _load(self) -> Any:
         if self._splits is None:
@@ -94,8 +106,8 @@ class ImageDataModule(pl.LightningDataModule):
 
                 if not self.root:
                     raise ValueError("dataset=imagenet needs dataset.datamodule.root=/path/to/imagenet (ImageFolder)")
-                self._splits = {"train": load_imagenet_folder(self.root, "train"),
-                                "test": load_imagenet_folder(self.root, "val")}
+                self._splits = {"train": load_imagenet_folder(self.root, "train", model=self._model),
+                                "test": load_imagenet_folder(self.root, "val", model=self._model)}
                 self._splits["val"] = self._splits["train"]
             else:
                 from permsparse.data.vision import load_image_dataset
@@ -105,9 +117,14 @@ class ImageDataModule(pl.LightningDataModule):
         return self._splits
 
     def _subset(self, split: str, n: int, offset: int = 0) -> Subset:
-        data = self._load()[split]
+        splits = self._load()
+        data = splits[split]
         _check_count(f"{self.dataset} {split} split", offset + n, len(data))
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed + 1))
+        if split == "val" and data is splits["train"]:
+            # ImageNet has no val split of its own: validation takes the end of the seeded order, training and
+            # calibration its start, so the two do not overlap while together they fit the train folder
+            return Subset(data, order.flip(0)[offset:offset + n].tolist())
         return Subset(data, order[offset:offset + n].tolist())
 
     def calibration_batches(self, n: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
@@ -128,14 +145,22 @@ class ImageDataModule(pl.LightningDataModule):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 256, progress: bool = True) -> dict[str, float]:
-        from permsparse.data.vision import top1
+        from permsparse.data.vision import topk_accuracy
 
-        return {"top1": top1(model, self._load()["test"], batch_size=batch_size, progress=progress)}
+        classes = getattr(model, "num_classes", None)
+        ks = (1,) if classes is not None and classes < 5 else (1, 5)
+        acc = topk_accuracy(model, self._load()["test"], ks=ks, batch_size=batch_size, progress=progress)
+        return {f"top{k}": v for k, v in acc.items()}
 
     def describe(self) -> dict:
         splits = self._load()
-        return {"dataset": self.dataset, "seed": self.seed, "metric": "top1 (percent) on the test split",
-                **{f"{k}_size": len(v) for k, v in splits.items()}}
+        out = {"dataset": self.dataset, "seed": self.seed,
+               "metric": "top1 and top5 (percent) on the test split",
+               **{f"{k}_size": len(v) for k, v in splits.items()}}
+        test = splits["test"]
+        if hasattr(test, "transform") and test.transform is not None:
+            out["eval_transform"] = repr(test.transform)
+        return out
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -144,16 +169,33 @@ class TextDataModule(pl.LightningDataModule):
     Calibration and training windows are seeded random ``seq_len`` windows of the first 90 % of the
     tokens (the last 5 % of that region is kept for validation windows); evaluation is perplexity on
     the first ``eval_windows`` non-overlapping windows of the last 10 %, plus ``second_domain``.
+
+    ``eval_corpus`` evaluates on another corpus's eval range instead of ``corpus``'s own (the Wanda / SparseGPT
+    convention: calibrate and learn on C4, report WikiText-2 test perplexity); the metric is then
+    ``ppl_<eval_corpus>`` and ``corpus``'s eval range is never read.
     """
 
     def __init__(self, tokenizer: Any, corpus: str = "shakespeare", seq_len: int = 512, eval_windows: int | None = 32,
                  second_domain: str | None = "pydoc", second_domain_windows: int = 16, seed: int = 0,
-                 val_fraction: float = 0.05) -> None:
+                 val_fraction: float = 0.05, eval_corpus: str | None = None) -> None:
         super().__init__()
+        from permsparse.data.text import CORPORA
+
+        if eval_corpus is not None and eval_corpus not in CORPORA:
+            raise ConfigError(f"dataset.datamodule.eval_corpus={eval_corpus!r} is not a corpus; choose one of {CORPORA}")
+        if eval_corpus is not None and eval_corpus in (corpus, second_domain):
+            raise ConfigError(f"dataset.datamodule.eval_corpus={eval_corpus!r} is already the "
+                             f"{'corpus' if eval_corpus == corpus else 'second_domain'}; set it to null or to "
+                             "another corpus")
         self.tokenizer, self.corpus, self.seq_len = tokenizer, corpus, seq_len
         self.eval_windows, self.second_domain, self.second_domain_windows = eval_windows, second_domain, second_domain_windows
-        self.seed, self.val_fraction = seed, val_fraction
+        self.seed, self.val_fraction, self.eval_corpus = seed, val_fraction, eval_corpus
         self._ids: dict[str, Tensor] | None = None
+
+    @property
+    def evaluated_corpus(self) -> str:
+        """The corpus whose eval range gives the main perplexity (``eval_corpus``, else ``corpus``)."""
+        return self.eval_corpus or self.corpus
 
     def _load(self) -> dict[str, Tensor]:
         if self._ids is None:
@@ -161,6 +203,8 @@ class TextDataModule(pl.LightningDataModule):
 
             split = text.load_token_split(self.corpus, self.tokenizer)
             self._ids = dict(zip(("train", "val", "eval"), self._train_val_eval(split), strict=True))
+            if self.eval_corpus:
+                self._ids["eval"] = text.load_token_split(self.eval_corpus, self.tokenizer).eval
             if self.second_domain:
                 self._ids["second"] = text.load_token_split(self.second_domain, self.tokenizer).eval
         return self._ids
@@ -196,8 +240,9 @@ class TextDataModule(pl.LightningDataModule):
         from permsparse.data.text import eval_windows, perplexity
 
         ids = self._load()
-        out = {f"ppl_{self.corpus}": perplexity(model, eval_windows(ids["eval"], self.eval_windows, self.seq_len),
-                                                batch_size=batch_size, progress=progress)}
+        out = {f"ppl_{self.evaluated_corpus}": perplexity(model, eval_windows(ids["eval"], self.eval_windows,
+                                                                              self.seq_len),
+                                                          batch_size=batch_size, progress=progress)}
         if "second" in ids:
             windows = eval_windows(ids["second"], self.second_domain_windows, self.seq_len)
             out[f"ppl_{self.second_domain}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
@@ -206,13 +251,14 @@ class TextDataModule(pl.LightningDataModule):
     def describe(self) -> dict:
         ids = self._load()
         return {
-            "corpus": self.corpus, "seq_len": self.seq_len, "eval_windows": self.eval_windows,
+            "corpus": self.corpus, "eval_corpus": self.evaluated_corpus, "seq_len": self.seq_len,
+            "eval_windows": self.eval_windows,
             "second_domain": self.second_domain, "second_domain_windows": self.second_domain_windows,
             "seed": self.seed, "tokenizer": getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__),
             "tokens": {k: int(v.numel()) for k, v in ids.items()},
             "protocol": "calibration/training: seeded random windows of the first 90 % of tokens (its last "
-                        f"{self.val_fraction:.0%} for validation); evaluation: first non-overlapping windows of the "
-                        "last 10 %",
+                        f"{self.val_fraction:.0%} for validation); evaluation: first non-overlapping windows of "
+                        + (f"{self.eval_corpus}'s eval range" if self.eval_corpus else "the last 10 %"),
         }
 
 
@@ -238,8 +284,6 @@ class MixtureTextDataModule(TextDataModule):
                  held_out: list[str] | tuple[str, ...] = ("pydoc", "manpages"), seq_len: int = 512,
                  eval_windows: int = 8, held_out_windows: int = 16, seed: int = 0, val_fraction: float = 0.05,
                  validation_source: str | None = None) -> None:
-        from permsparse.errors import ConfigError
-
         super().__init__(tokenizer, corpus="mixture", seq_len=seq_len, eval_windows=eval_windows, second_domain=None,
                          seed=seed, val_fraction=val_fraction)
         self.sources, self.held_out, self.held_out_windows = list(sources), list(held_out), held_out_windows
