@@ -168,8 +168,10 @@ def meta_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
                 raise ConfigError("the planner needs SmolLM2's shape: model.shape is missing and no cached copy exists")
         else:
             config, source = _hf_config(str(load["name_or_path"]), shape)
+        from permsparse.models.qwen2_moe import unfuse_experts
+
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = unfuse_experts(AutoModelForCausalLM.from_config(config, dtype=dtype))  # as load_hf_causal_lm
         return model.eval(), source
     if target == "permsparse.models.loaders.load_offline_vit":
         from timm.models.vision_transformer import VisionTransformer
