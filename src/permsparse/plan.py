@@ -569,7 +569,14 @@ def plan_run(cfg: DictConfig) -> Plan:
     method = build_method(cfg)
     pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
     model, source = meta_model(cfg.model)
-    spec = get_spec(model)
+    if not isinstance(method, LearnedPermutation):
+        spec = get_spec(model)
+    else:  # prune.skip_indivisible: the plan leaves out the groups the run will leave dense
+        from permsparse.run import skip_indivisible_if
+
+        skip_indivisible_if(cfg, model, pattern, method.foldable,
+                            lambda d_in, name: method.blocks_for(d_in, pattern.m, name))
+        spec = get_spec(model)
     binding = spec.groups(model)
     accelerator, strategy, world = _accelerator(cfg), _strategy(cfg), _world_size(cfg)
     memory, memory_source, enforced = _device_memory(cfg, accelerator)
