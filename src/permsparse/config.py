@@ -56,6 +56,10 @@ def validate_config(cfg: DictConfig) -> None:
             f"model={cfg.model.name} is a {model_task} model but dataset={cfg.dataset.name} is a {data_task} "
             "dataset; pick a matching dataset"
         )
+    skip = OmegaConf.select(cfg, "prune.skip_indivisible", default=False)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"prune.skip_indivisible={skip!r} is invalid: it must be true or false (true keeps the "
+                          "binding groups whose d_in the pattern or the group count does not divide dense)")
     _positive_int(cfg, "calibration.samples")
     _positive_int(cfg, "calibration.batch_size")
     _positive_int(cfg, "eval.batch_size")

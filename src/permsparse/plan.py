@@ -168,8 +168,10 @@ def meta_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
                 raise ConfigError("the planner needs SmolLM2's shape: model.shape is missing and no cached copy exists")
         else:
             config, source = _hf_config(str(load["name_or_path"]), shape)
+        from permsparse.models.qwen2_moe import unfuse_experts
+
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = unfuse_experts(AutoModelForCausalLM.from_config(config, dtype=dtype))  # as load_hf_causal_lm
         return model.eval(), source
     if target == "permsparse.models.loaders.load_offline_vit":
         from timm.models.vision_transformer import VisionTransformer
@@ -567,7 +569,14 @@ def plan_run(cfg: DictConfig) -> Plan:
     method = build_method(cfg)
     pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
     model, source = meta_model(cfg.model)
-    spec = get_spec(model)
+    if not isinstance(method, LearnedPermutation):
+        spec = get_spec(model)
+    else:  # prune.skip_indivisible: the plan leaves out the groups the run will leave dense
+        from permsparse.run import skip_indivisible_if
+
+        skip_indivisible_if(cfg, model, pattern, method.foldable,
+                            lambda d_in, name: method.blocks_for(d_in, pattern.m, name))
+        spec = get_spec(model)
     binding = spec.groups(model)
     accelerator, strategy, world = _accelerator(cfg), _strategy(cfg), _world_size(cfg)
     memory, memory_source, enforced = _device_memory(cfg, accelerator)

@@ -24,7 +24,7 @@ from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm, check_nm_shape
 
 __all__ = ["GroupReport", "PruneReport", "group_scores", "prune_group", "prune_model", "prune_model_sequential",
-           "check_model_divisible", "indivisible_layers"]
+           "check_model_divisible", "indivisible_layers", "skip_indivisible"]
 
 
 @dataclass
@@ -123,9 +123,32 @@ def check_model_divisible(model: nn.Module, groups: Iterable[BindingGroup], patt
         raise ConfigError(
             f"{type(model).__name__}: {len(problems)} bound layer(s) cannot be pruned to {pattern}:\n{lines}\n"
             f"Every bound linear needs d_in divisible by M={pattern.m} (and by the group count x M); choose a "
-            "pattern and groups that divide them, or a binding spec that leaves these layers out "
-            "(skipping them with prune.skip_indivisible is not available yet)"
+            "pattern and groups that divide them, a binding spec that leaves these layers out, or "
+            "prune.skip_indivisible=true to keep them (their whole binding groups) dense and unpermuted"
         )
+
+
+def skip_indivisible(model: nn.Module, pattern: NMPattern, channel_groups: int = 1, foldable: bool = False,
+                     check: Callable[[int, str], object] | None = None) -> dict[str, dict[str, list[str]]]:
+    """``prune.skip_indivisible=true``: mark every binding group with a member that :func:`indivisible_layers` names
+    to stay dense and unpermuted (:func:`~permsparse.models.binding.leave_dense`), so that every later
+    ``get_spec(model)`` (pruning, calibration, learning, export) leaves it out. Returns ``{group: {"linears": [...],
+    "reasons": [...]}}`` of the groups skipped now (empty when every layer divides).
+
+    The whole group is skipped, never one member: a group is the unit that owns one permutation (chosen on its
+    members' stacked scores, learned as one cost, folded into one producer or gathered once), and its members read
+    one tensor, so they share ``d_in`` and with it every divisibility; a partly pruned group has no meaning here.
+    """
+    from permsparse.models.binding import leave_dense
+
+    skipped: dict[str, dict[str, list[str]]] = {}
+    for group in get_spec(model).groups(model):
+        problems = indivisible_layers(model, [group], pattern, channel_groups, foldable, check)
+        if problems:
+            skipped[group.name] = {"linears": list(group.linears), "reasons": problems}
+    if skipped:
+        leave_dense(model, {name: "; ".join(info["reasons"]) for name, info in skipped.items()})
+    return skipped
 
 
 def group_scores(model: nn.Module, group: BindingGroup, pruner: Pruner,

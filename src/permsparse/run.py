@@ -34,13 +34,22 @@ from permsparse.permutation.foldable import restrict_if_foldable
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import shared_residual_if
 from permsparse.plan import check_plan
-from permsparse.prune import PruneReport, check_model_divisible, prune_model, prune_model_sequential
+from permsparse.prune import (
+    PruneReport,
+    check_model_divisible,
+    prune_model,
+    prune_model_sequential,
+    skip_indivisible,
+)
 from permsparse.runs import CHECKPOINT, PERMS, PRUNED, RESULTS, RunRecord, build_model
 from permsparse.sparsity.calibration import collect_stats
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_torch_save
 
-__all__ = ["train", "learn_permutations", "build_permutation", "package_versions"]
+__all__ = ["train", "learn_permutations", "build_permutation", "package_versions", "skip_indivisible_if",
+           "SKIP_INDIVISIBLE_KEY"]
+
+SKIP_INDIVISIBLE_KEY = "prune.skip_indivisible"
 
 log = logging.getLogger("permsparse")
 
@@ -222,23 +231,39 @@ class _Setup:
     pruner: Any
     pattern: NMPattern
     linears: list[str]
+    skipped: dict[str, dict[str, list[str]]]  # prune.skip_indivisible: the groups left dense, with why
 
 
 def _load(cfg: DictConfig, method: Any, pattern: NMPattern) -> _Setup:
     model, tokenizer = build_model(cfg.model)
     _check_context(cfg, model)
-    groups = get_spec(model).groups(model)
     foldable = bool(cfg.perm.get("foldable", False))
     # the learned method's blocks must hold whole M-groups (heads, where foldable): one error lists every layer
     learned = isinstance(method, LearnedPermutation)
-    check_model_divisible(model, groups, pattern, foldable=foldable,
-                          check=(lambda d_in, name: method.blocks_for(d_in, pattern.m, name)) if learned else None)
+    check = (lambda d_in, name: method.blocks_for(d_in, pattern.m, name)) if learned else None
+    skipped = skip_indivisible_if(cfg, model, pattern, foldable, check)
+    groups = get_spec(model).groups(model)
+    check_model_divisible(model, groups, pattern, foldable=foldable, check=check)
     dm_kwargs = {"tokenizer": tokenizer} if tokenizer is not None else {}
     datamodule = instantiate(cfg.dataset.datamodule, seed=cfg.seed, **dm_kwargs)
     if hasattr(datamodule, "bind_model"):
         datamodule.bind_model(model)  # an ImageNet folder then uses the model's own eval transform
     pruner = instantiate(cfg.pruner.method)
-    return _Setup(model, datamodule, pruner, pattern, [n for g in groups for n in g.linears])
+    return _Setup(model, datamodule, pruner, pattern, [n for g in groups for n in g.linears], skipped)
+
+
+def skip_indivisible_if(cfg: DictConfig, model: nn.Module, pattern: NMPattern, foldable: bool,
+                        check: Callable[[int, str], object] | None) -> dict[str, dict[str, list[str]]]:
+    """With ``prune.skip_indivisible=true``, leave every binding group that cannot be pruned to ``pattern`` dense
+    (:func:`permsparse.prune.skip_indivisible`) and warn with the list; ``{}`` (and nothing marked) otherwise."""
+    if not OmegaConf.select(cfg, SKIP_INDIVISIBLE_KEY, default=False):
+        return {}
+    skipped = skip_indivisible(model, pattern, foldable=foldable, check=check)
+    if skipped:
+        lines = "\n".join(f"  - {name}: {'; '.join(info['reasons'])}" for name, info in skipped.items())
+        log.warning("%s=true: %d binding group(s) of %s stay dense and unpermuted (results.json lists them under "
+                    "'skipped'):\n%s", SKIP_INDIVISIBLE_KEY, len(skipped), type(model).__name__, lines)
+    return skipped
 
 
 def _calibrator(cfg: DictConfig, setup: _Setup) -> Callable[..., dict]:
@@ -292,7 +317,7 @@ def _record(cfg: DictConfig, setup: _Setup, report: PruneReport, metrics: dict, 
         kept_ratio={"mean": report.mean_kept_ratio, "per_group": {g.name: g.kept_ratio for g in report.groups}},
         perm_seconds={g.name: g.seconds for g in report.groups}, learning=learning, timings=timer.seconds,
         calibration={"samples": int(cfg.calibration.samples), "sharded_across_ranks": sharded},
-        permutations_file=PERMS, pruned_file=pruned_file,
+        permutations_file=PERMS, pruned_file=pruned_file, skipped=setup.skipped,
     )
 
 

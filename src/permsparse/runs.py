@@ -67,6 +67,8 @@ class RunRecord:
     calibration: dict[str, Any] = field(default_factory=dict)  # absent in runs written before it was recorded
     permutations_file: str = PERMS
     pruned_file: str | None = PRUNED
+    #: prune.skip_indivisible=true: {group: {"linears": [...], "reasons": [...]}} of the groups left dense
+    skipped: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept when re-written)
 
@@ -180,6 +182,10 @@ class LoadedRun:
             from permsparse.export import load_pruned_state
 
             load_pruned_state(model, self.dir)
+        if self.record.skipped:  # prune.skip_indivisible: the run left these groups dense, so does every reader
+            from permsparse.models.binding import leave_dense
+
+            leave_dense(model, {name: "; ".join(info.get("reasons", [])) for name, info in self.record.skipped.items()})
         return model, tokenizer
 
     @property

@@ -2,7 +2,8 @@
 
 Folder layout written by :func:`export_model`:
 
-* HF causal LMs (Llama, Qwen2, Mistral, Gemma 3, Phi-3, and any causal LM bound by discovery): ``save_pretrained`` output (``config.json``, ``model.safetensors``
+* HF causal LMs (Llama, Qwen2, Mistral, Gemma 3, Phi-3, Qwen2-MoE with its experts stacked back, and any causal LM bound
+  by discovery): ``save_pretrained`` output (``config.json``, ``model.safetensors``
   and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a plain timm state dict.
   State-dict keys are the stock ones: gathered layers keep their ``weight``/``bias`` names.
 * ``permsparse_export.json`` (the sidecar): pattern, pruner, family, dtype, how to rebuild the architecture
@@ -177,6 +178,24 @@ def _timm_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
 # Hugging Face causal LMs with an explicit binding spec (models/llama.py, gemma3.py, phi3.py): one format
 for _name in ("llama_like", "gemma3", "phi3"):
     register_export_family(ExportFamily(_name, "hf_save_pretrained", _hf_inputs, _hf_forward, _hf_save, _hf_load))
+
+
+def _moe_save(model: nn.Module, folder: Path, build: dict[str, Any], tokenizer: Any) -> None:
+    """Qwen2-MoE: the per-expert linears are stacked back into the stock 3D expert tensors while saving, so the
+    folder is a stock checkpoint (gathers, non-persistent, live only in the sidecar as for every family)."""
+    from permsparse.models.qwen2_moe import fused_experts
+
+    with fused_experts(model):
+        _hf_save(model, folder, build, tokenizer)
+
+
+def _moe_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
+    from permsparse.models.qwen2_moe import unfuse_experts
+
+    return unfuse_experts(_hf_load(folder, sidecar))
+
+
+register_export_family(ExportFamily("qwen2_moe", "hf_save_pretrained", _hf_inputs, _hf_forward, _moe_save, _moe_load))
 register_export_family(ExportFamily("timm_vit", "timm_safetensors", _timm_inputs, _timm_forward, _timm_save, _timm_load,
                                     needs_build=True))
 # models bound by discovery (permsparse.models.discovery): the same formats, found by what the model is

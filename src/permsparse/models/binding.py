@@ -12,11 +12,16 @@ group found by binding discovery); code asks ``isinstance``, never a string.
 
 A model that no registered spec matches can still be bound by *discovery* (:mod:`permsparse.models.discovery`):
 :func:`get_spec` falls back to it when it is given, or can build, an example input.
+
+A model can be told to keep some of its groups dense (:func:`leave_dense`, what ``prune.skip_indivisible=true``
+does for the groups that cannot be pruned to the pattern): :func:`get_spec` then returns its spec without them
+(:class:`WithoutGroups`), so pruning, learning, calibration and export all leave those linears alone.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,7 +30,7 @@ from torch import nn
 from permsparse.errors import ConfigError
 
 __all__ = ["BindingGroup", "BindingSpec", "register_spec", "get_spec", "SPECS", "Producer", "ResidualStream",
-           "OutputRows", "ValueRows", "Opaque", "Discovered"]
+           "OutputRows", "ValueRows", "Opaque", "Discovered", "WithoutGroups", "leave_dense", "left_dense"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,80 @@ def register_spec(spec: type[BindingSpec]) -> type[BindingSpec]:
     return spec
 
 
+#: attribute of a model that holds ``{group name: reason}`` of the groups it keeps dense (:func:`leave_dense`); an
+#: attribute, not a registry, so that it travels with ``copy.deepcopy`` (export folds a copy)
+_DENSE_ATTR = "_permsparse_dense_groups"
+
+
+def leave_dense(model: nn.Module, groups: Mapping[str, str]) -> nn.Module:
+    """Mark binding groups of ``model`` to stay dense and unpermuted: ``{group name: why}``, added to any marked
+    before. From then on :func:`get_spec` returns ``model``'s spec without them (:class:`WithoutGroups`). Returns
+    ``model``."""
+    marked = {**left_dense(model), **{str(k): str(v) for k, v in groups.items()}}
+    object.__setattr__(model, _DENSE_ATTR, marked)
+    return model
+
+
+def left_dense(model: nn.Module) -> dict[str, str]:
+    """The groups :func:`leave_dense` marked on ``model``, ``{group name: why}`` (empty if none)."""
+    return dict(getattr(model, _DENSE_ATTR, None) or {})
+
+
+class WithoutGroups(BindingSpec):
+    """``base`` without the groups named in ``dense``: their linears are bound to nothing, so nothing prunes,
+    permutes, learns or folds them. Everything else (blocks, family, residual stream) is ``base``'s.
+
+    The residual stream gains the input columns of every left-out group that read it (``ResidualStream``
+    producer): they are dense readers now, like ``lm_head``, and a residual-stream permutation must reach them.
+    """
+
+    def __init__(self, base: BindingSpec, dense: Mapping[str, str]) -> None:
+        self.base = base
+        self.dense = dict(dense)
+        self.family = base.family
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return False  # built by get_spec for a model marked by leave_dense
+
+    def all_groups(self, model: nn.Module) -> list[BindingGroup]:
+        return self.base.groups(model)
+
+    def groups(self, model: nn.Module) -> list[BindingGroup]:
+        return [g for g in self.base.groups(model) if g.name not in self.dense]
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return self.base.blocks(model)
+
+    def block_prefixes(self, model: nn.Module) -> list[str]:
+        return self.base.block_prefixes(model)
+
+    def residual_params(self, model: nn.Module) -> list[tuple[str, int]]:
+        readers = [(f"{name}.weight", 1) for g in self.base.groups(model)
+                   if g.name in self.dense and isinstance(g.producer, ResidualStream) for name in g.linears]
+        return [*self.base.residual_params(model), *readers]
+
+    def __getattr__(self, name: str) -> Any:  # the base spec's own extras (DiscoveredSpec.untargeted, ...)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __repr__(self) -> str:
+        return f"WithoutGroups({self.base!r}, dense={sorted(self.dense)})"
+
+
+def _with_dense(model: nn.Module, spec: BindingSpec) -> BindingSpec:
+    dense = left_dense(model)
+    if not dense:
+        return spec
+    names = {g.name for g in spec.groups(model)}
+    unknown = sorted(set(dense) - names)
+    if unknown:
+        raise ConfigError(f"{type(model).__name__}: groups marked to stay dense are not binding groups of "
+                          f"{type(spec).__name__}: {', '.join(unknown)}")
+    return WithoutGroups(spec, dense)
+
+
 def get_spec(model: nn.Module, example: Any = None, discover: bool = True) -> BindingSpec:
     """The registered spec that matches ``model``; else, with ``discover``, a spec found by binding discovery.
 
@@ -183,17 +262,18 @@ def get_spec(model: nn.Module, example: Any = None, discover: bool = True) -> Bi
     and caches the result per model object, so that the many ``get_spec(model)`` calls of one run discover once;
     an explicit ``example`` always discovers afresh. Raises :class:`~permsparse.errors.ConfigError` if no spec
     matches and discovery is off or impossible (no example can be built), or names the missing piece if the
-    discovered binding cannot be used (e.g. a layer type discovery does not handle).
+    discovered binding cannot be used (e.g. a layer type discovery does not handle). A model marked by
+    :func:`leave_dense` gets its spec without those groups (:class:`WithoutGroups`).
     """
     for spec in SPECS:
         if spec.matches(model):
-            return spec()
+            return _with_dense(model, spec())
     if discover:
         from permsparse.models import discovery
 
         found = discovery.cached_spec(model, example)
         if found is not None:
-            return found
+            return _with_dense(model, found)
     known = ", ".join(s.family for s in SPECS) or "none registered"
     hint = ("or pass an example input, get_spec(model, example=...), to discover its binding from a forward pass"
             if discover else "or allow binding discovery (discover=True) with an example input")

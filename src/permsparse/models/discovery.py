@@ -278,8 +278,14 @@ def _refuse_stacked_weights(model: nn.Module, container: nn.Module, block_list: 
             f"({', '.join(found[:2])}{', ...' if len(found) > 2 else ''}; e.g. mixture-of-experts weights of shape "
             "(experts, d_out, d_in)), which no nn.Linear hook sees and which pruning, calibration and export do not "
             "handle. Missing piece: per-expert binding groups and pruning of stacked expert weights (an explicit "
-            f"BindingSpec for {type(model).__name__} with that support)"
+            f"BindingSpec for {type(model).__name__} with that support){_unfuse_hint(model)}"
         )
+
+
+def _unfuse_hint(model: nn.Module) -> str:
+    from permsparse.models.qwen2_moe import refusal_hint
+
+    return refusal_hint(model)
 
 
 def _group_name(linears: list[str]) -> str:

@@ -101,14 +101,24 @@ class LlamaLikeSpec(BindingSpec):
                 out.append((f"{p}.{norm}.weight", 0))
                 if getattr(model.get_submodule(f"{p}.{norm}"), "bias", None) is not None:  # not in stock Llama
                     out.append((f"{p}.{norm}.bias", 0))
-            for writer in (f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj"):
-                out.append((f"{writer}.weight", 0))
-                if model.get_submodule(writer).bias is not None:
-                    out.append((f"{writer}.bias", 0))
+            out += self._writer_rows(model, f"{p}.self_attn.o_proj")
+            out += self.mlp_residual_params(model, p)
         out.append((f"{root}norm.weight", 0))
         if getattr(decoder.norm, "bias", None) is not None:
             out.append((f"{root}norm.bias", 0))
         head = getattr(model, "lm_head", None) if root else None
         if head is not None:
             out.append(("lm_head.weight", 1))  # tied to embed_tokens or not: permuted once either way
+        return out
+
+    def mlp_residual_params(self, model: nn.Module, prefix: str) -> list[tuple[str, int]]:
+        """The residual-stream parameters of the MLP of the decoder layer at ``prefix`` (Llama: ``down_proj``'s output
+        rows and bias); a family whose MLP writes or reads the stream elsewhere (mixture of experts) overrides it."""
+        return self._writer_rows(model, f"{prefix}.mlp.down_proj")
+
+    @staticmethod
+    def _writer_rows(model: nn.Module, writer: str) -> list[tuple[str, int]]:
+        out = [(f"{writer}.weight", 0)]
+        if model.get_submodule(writer).bias is not None:
+            out.append((f"{writer}.bias", 0))
         return out

@@ -154,7 +154,8 @@ def load_hf_causal_lm(
     dequantised to ``dtype`` and the model rebuilt without the quantizer, so that export can save it. Hub ids need
     network access (and, for gated models, a logged-in token) unless already in the HF cache; ``kwargs`` go to
     ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``, ``revision``). ``dtype`` may be a name
-    (``"bfloat16"``), as a config gives it.
+    (``"bfloat16"``), as a config gives it. A Qwen2-MoE model's stacked experts are unfused into per-expert
+    ``nn.Linear`` modules (:func:`permsparse.models.qwen2_moe.unfuse_experts`), which its binding spec needs.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,6 +174,9 @@ def load_hf_causal_lm(
         ) from None
     if gguf:
         model = _serialisable(model, dtype)
+    from permsparse.models.qwen2_moe import unfuse_experts
+
+    unfuse_experts(model)  # Qwen2-MoE: one nn.Linear pair per expert (a no-op for every other family)
     return model.eval(), tokenizer
 
 

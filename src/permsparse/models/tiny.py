@@ -27,6 +27,7 @@ __all__ = [
     "tiny_opt",
     "tiny_gemma3",
     "tiny_phi3",
+    "tiny_qwen2_moe",
     "tiny_vit",
 ]
 
@@ -164,6 +165,20 @@ def tiny_phi3(seed: int = 0, **overrides: Any) -> nn.Module:
     # Phi-3's default special token ids (32000) lie outside the tiny vocabulary
     return _lm(Phi3Config, Phi3ForCausalLM, seed, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                                                    **overrides})
+
+
+def tiny_qwen2_moe(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-layer ``Qwen2MoeForCausalLM`` (hidden 64, 4 heads / 2 kv heads, vocab 128), both layers sparse: 4 routed
+    experts (intermediate 64, top 2 per token) and a shared expert (intermediate 128) each. Its experts come unfused,
+    one ``nn.Linear`` pair per expert (:func:`permsparse.models.qwen2_moe.unfuse_experts`), as the spec needs."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from permsparse.models.qwen2_moe import unfuse_experts
+
+    model = _lm(Qwen2MoeConfig, Qwen2MoeForCausalLM, seed, {
+        "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128, "num_experts": 4,
+        "num_experts_per_tok": 2, **overrides})
+    return unfuse_experts(model)
 
 
 def tiny_vit(seed: int = 0, **overrides: Any) -> nn.Module:
