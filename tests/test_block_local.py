@@ -197,3 +197,40 @@ def test_resume_trains_only_the_unfinished_blocks_and_ends_the_same(tmp_path, mo
     assert resumed["metrics"]["pruned"] == full["metrics"]["pruned"]
     with pytest.raises(ConfigError, match="no block checkpoint"):
         train(compose_cfg([*common, f"resume={tmp_path / 'full' / 'checkpoints'}"], tmp_path / "bad"))
+
+
+def test_the_plan_of_block_mode_is_what_one_block_of_a_run_holds(tmp_path, monkeypatch):
+    """The planner's exact rows for block mode (its largest block, here block 0 of two alike) equal the tensors the
+    block-local run builds for one block."""
+    from permsparse.plan import plan_run
+
+    cfg = compose_cfg([*BLOCK, "learning.block_steps=2", "perm.method.grad_precision=float32",
+                       "eval.dense_baseline=false", "save_pruned=false"], tmp_path)
+    plan = plan_run(cfg)
+    built = []
+    original = LearnedPermutation.build
+
+    def build(self, *args, **kwargs):
+        built.append(original(self, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(LearnedPermutation, "build", build)
+    train(cfg)
+    learned, states = built[0], list(built[0]._states.values())
+    model = tiny_llama(seed=0)
+    block = get_spec(model).blocks(model)[0]
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    held = {
+        "frozen weights": nbytes([*block.parameters(), *block.buffers()]),
+        "pruner scores": nbytes(t for s in states for t in s.scores_t.values()),
+        "masks": nbytes(t for s in states for t in s.masks_t.values()),
+        "costs + Sinkhorn potentials": nbytes([*learned.parameters(), *learned.buffers()]),
+        "cost gradients": nbytes(p.grad for p in learned.parameters() if p.grad is not None),
+        "gradient workspaces": 0,
+    }
+    for name, value in held.items():
+        assert plan.item(name).bytes == value, name
+    assert held["cost gradients"] > 0
