@@ -153,15 +153,18 @@ def test_train_stops_with_the_table_before_loading_weights(tmp_path, monkeypatch
     assert "DOES NOT FIT" in str(err.value) and "masks" in str(err.value) and "activations" in str(err.value)
 
 
-def test_block_mode_is_planned_not_trained(tmp_path):
+def test_block_mode_plans_one_block_on_the_device_and_the_cache_on_the_host(tmp_path):
     e2e = plan_run(compose_cfg([*TINY_LM, "perm=learned"], tmp_path))
-    cfg = compose_cfg([*TINY_LM, "perm=learned", "learning.mode=block"], tmp_path)
+    cfg = compose_cfg([*TINY_LM, "perm=learned", "learning.mode=block", "learning.block_steps=7"], tmp_path)
+    validate_config(cfg)  # block mode trains now (tests/test_block_local.py)
     block = plan_run(cfg)
     assert block.total < e2e.total
     assert block.item("masks").bytes * 2 == e2e.item("masks").bytes  # one of two identical blocks
-    assert any("not implemented in training yet" in n for n in block.notes)
-    with pytest.raises(ConfigError, match="learning.mode=block"):
-        validate_config(cfg)
+    assert block.steps == 7 and block.blocks == 2  # learning.block_steps per block, for every block
+    host = {i.name: i.bytes for i in block.host}
+    assert host["block input cache"] > 0 and "block input cache" not in {i.name for i in block.items}
+    assert host["dense copy of the current block"] == block.item("masks").bytes  # fp32 weights, fp32 0/1 masks
+    assert any("one block's weights" in n for n in block.notes)
 
 
 def test_the_issue_shapes_plan_offline_from_their_yaml(tmp_path):

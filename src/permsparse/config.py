@@ -13,11 +13,31 @@ from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
 
-__all__ = ["ConfigError", "validate_config", "build_method", "LEARNING_MODES"]
+__all__ = ["ConfigError", "validate_config", "build_method", "LEARNING_MODES", "e2e_steps", "block_steps",
+           "BLOCK_PRECISIONS"]
 
 _TASKS = {"causal_lm", "image_classification"}
-#: ``learning.mode``: end to end (the default), block-local (issue 13: planned by ``permsparse.plan``, not yet trained)
+#: ``learning.mode``: end to end (the default) or block-local (:mod:`permsparse.block_local`)
 LEARNING_MODES = ("e2e", "block")
+#: ``trainer.precision`` values block-local learning runs in (its loop is plain PyTorch: fp32, or bf16 autocast)
+BLOCK_PRECISIONS = ("32-true", "32", "bf16-mixed")
+
+
+def e2e_steps(cfg: DictConfig, world: int = 1) -> int:
+    """Optimiser steps of an end-to-end run on one of ``world`` devices: ``ceil(train_samples / (batch_size x
+    world))`` per epoch, times ``max_epochs``, capped by ``max_steps`` (``-1`` / null: no cap)."""
+    learning = cfg.learning
+    per_epoch = -(-int(learning.train_samples) // (int(learning.batch_size) * world))
+    steps = per_epoch * int(learning.max_epochs or 1)
+    max_steps = learning.get("max_steps")
+    return min(steps, int(max_steps)) if max_steps not in (None, -1) else steps
+
+
+def block_steps(cfg: DictConfig) -> int:
+    """Optimiser steps per block in block-local learning: ``learning.block_steps``, or (null) as many as the
+    end-to-end run takes in total."""
+    steps = cfg.learning.get("block_steps")
+    return int(steps) if steps is not None else e2e_steps(cfg)
 
 
 def _require(cfg: DictConfig, key: str) -> object:
@@ -93,8 +113,7 @@ def validate_config(cfg: DictConfig) -> None:
         if mode not in LEARNING_MODES:
             raise ConfigError(f"learning.mode={mode!r} is invalid; choose e2e (end to end) or block (block-local)")
         if mode == "block":
-            raise ConfigError("learning.mode=block (block-local learning) is not implemented in training yet; "
-                              "`python -m permsparse.plan learning.mode=block ...` shows what it would hold per device")
+            _check_block_mode(cfg)
         every = cfg.learning.get("checkpoint_every_n_steps")
         if every is not None:
             _positive_int(cfg, "learning.checkpoint_every_n_steps")
@@ -105,6 +124,37 @@ def validate_config(cfg: DictConfig) -> None:
     _check_model_source(cfg)
     _check_hub_model(cfg)
     _check_zeroshot(cfg)
+
+
+def _check_block_mode(cfg: DictConfig) -> None:
+    """What block-local learning (``learning.mode=block``) supports: one process, the paper's per-block SmoothL1,
+    fp32 or bf16 autocast."""
+    strategy = str(cfg.trainer.get("strategy", "") or "")
+    if any(name in strategy.lower() for name in ("ddp", "fsdp", "deepspeed")):
+        raise ConfigError(f"learning.mode=block runs in one process and does not support trainer.strategy={strategy} "
+                          "(one block at a time already fits one device; python -m permsparse.plan shows it); use "
+                          "trainer=cpu or trainer=gpu, or learning.mode=e2e for DDP/FSDP")
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 1 or int(cfg.trainer.get("num_nodes", 1) or 1) > 1:
+        raise ConfigError(f"learning.mode=block runs on one device, not trainer.devices={devices} x "
+                          f"trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}; set trainer.devices=1")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in BLOCK_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} is not supported by learning.mode=block; choose "
+                          f"{', '.join(BLOCK_PRECISIONS)}")
+    distill = cfg.perm.get("distill", "block_smooth_l1")
+    if distill != "block_smooth_l1":
+        raise ConfigError(f"perm.distill={distill} does not apply to learning.mode=block, which trains every block on "
+                          "the SmoothL1 between its sparse and its dense output; use perm.distill=block_smooth_l1 "
+                          "or learning.mode=e2e")
+    for key in ("block_steps", "finetune_steps"):
+        if cfg.learning.get(key) is not None:
+            _positive_int(cfg, f"learning.{key}")
+    if not isinstance(cfg.learning.get("finetune_e2e", False), bool):
+        raise ConfigError(f"learning.finetune_e2e={cfg.learning.finetune_e2e!r} is invalid: it must be true or false")
+    every = cfg.learning.get("val_every_n_steps")
+    if every is not None:
+        _positive_int(cfg, "learning.val_every_n_steps")
 
 
 def build_method(cfg: DictConfig) -> object:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import sys
@@ -33,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from permsparse.config import LEARNING_MODES, build_method
+from permsparse.config import LEARNING_MODES, block_steps, build_method, e2e_steps
 from permsparse.errors import ConfigError
 from permsparse.models.binding import BindingGroup, get_spec
 from permsparse.permutation.apply import native_bf16_matmul
@@ -48,7 +47,7 @@ __all__ = ["MODES", "LinearPlan", "GroupPlan", "Item", "Plan", "Trace", "meta_mo
 
 log = logging.getLogger("permsparse")
 
-MODES = LEARNING_MODES  # ``learning.mode``: end to end (today's training) or block-local (designed, planned only)
+MODES = LEARNING_MODES  # ``learning.mode``: end to end or block-local (:mod:`permsparse.block_local`)
 F32 = 4  # bytes of a float32 (costs, potentials, optimiser states, scores are float32 whatever the weights)
 
 
@@ -542,13 +541,11 @@ def _grad_dtype(method: LearnedPermutation, accelerator: str) -> torch.dtype:
     return torch.bfloat16 if method.grad_precision == "bfloat16" else torch.float32
 
 
-def _steps(cfg: DictConfig, world: int, strategy: str) -> int:
-    learning = cfg.learning
-    per_epoch = math.ceil(int(learning.train_samples) / (int(learning.batch_size) * (world if strategy != "single"
-                                                                                        else 1)))
-    steps = per_epoch * int(learning.max_epochs or 1)
-    max_steps = learning.get("max_steps")
-    return min(steps, int(max_steps)) if max_steps not in (None, -1) else steps
+def _steps(cfg: DictConfig, world: int, strategy: str, mode: str = "e2e") -> int:
+    """Optimiser steps of one device: end to end, the run's; block-local, one block's (``learning.block_steps``)."""
+    if mode == "block":
+        return block_steps(cfg)
+    return e2e_steps(cfg, world if strategy != "single" else 1)
 
 
 def _precision_note(precision: str) -> str | None:
@@ -667,9 +664,10 @@ def plan_run(cfg: DictConfig) -> Plan:
     act_bytes = trace.saved_bytes if mode == "e2e" else trace.saved_by_block.get(worst, 0)
     formula = (f"tensors autograd saves in one traced step, batch {batch} x {seq_len or '-'} "
                f"({n_blocks} blocks + embeddings, head, loss)" if mode == "e2e" else
-               f"block {worst}'s saved tensors in one traced step, batch {batch} x {seq_len or '-'}, + its loss")
+               f"block {worst}'s saved tensors in one traced step, batch {batch} x {seq_len or '-'}, + the batch's "
+               "dense target and the student output the loss keeps")
     if mode == "block":
-        act_bytes += 2 * trace.block_output_bytes.get(worst, 0)  # the block-local loss saves student and target
+        act_bytes += 2 * trace.block_output_bytes.get(worst, 0)  # the block-local loss keeps student and target
     else:
         act_bytes += trace.output_bytes
         formula += ", + the task output"
@@ -678,12 +676,6 @@ def plan_run(cfg: DictConfig) -> Plan:
         items.append(Item("distillation teacher capture", trace.teacher_bytes if cfg.perm.alpha > 0 else 0,
                           "estimate", "the dense pass's block outputs and task output, alive until the loss"
                           if cfg.perm.alpha > 0 else "perm.alpha=0: no teacher pass"))
-    else:
-        out = trace.block_output_bytes.get(worst, 0) // max(batch, 1)
-        samples = int(cfg.learning.train_samples) + int(cfg.learning.val_samples)
-        items.append(Item("block input cache", 2 * samples * out, "design",
-                          f"inputs from the sparsified blocks before it + dense targets, {samples} windows x "
-                          f"{format_bytes(out)} (could stay on the host)"))
     largest = max(dev_linears, key=lambda lin: lin.numel, default=None)
     transient = elements * F32
     if largest is not None:
@@ -700,13 +692,20 @@ def plan_run(cfg: DictConfig) -> Plan:
                           "the largest block's weights, masks and scores all-gathered while it runs"))
 
     host = _host_items(linears, weights, pruner, mode)
+    if mode == "block":
+        out = trace.block_output_bytes.get(worst, 0) // max(batch, 1)
+        samples = int(cfg.learning.train_samples) + int(cfg.learning.val_samples)
+        host.append(Item("block input cache", 2 * samples * out, "estimate",
+                         f"the current block's inputs (outputs of the pruned blocks before it) + its dense targets, "
+                         f"{samples} training and validation windows x {format_bytes(out)} each"))
     flops = _flops(trace, method, dev_groups, dev_linears, mode, worst, n_blocks, batch * int(seq_len or 1), cfg)
     notes = []
     if mode == "block":
-        notes.append("learning.mode=block is designed (issue 13) but not implemented in training yet: these are the "
-                     "figures of its design (one block's weights, masks, scores, costs, optimiser states and "
-                     f"activations on the device at once; the largest block, {worst}, shown), without the optional "
-                     "task loss through the remaining blocks")
+        notes.append("learning.mode=block: one block's weights, scores, masks, costs, optimiser states and activations "
+                     f"on the device at once (the largest block, {worst}, shown), one batch of its cached inputs and "
+                     "targets moved there per step; the cache, the other blocks and the dense copies stay on the host"
+                     + ("; learning.finetune_e2e then needs the e2e plan (learning.mode=e2e)"
+                        if cfg.learning.get("finetune_e2e") else ""))
     if strategy == "fsdp":
         notes.append("trainer=fsdp is planned as plain arithmetic (weights, masks, scores, costs, gradients and "
                      "optimiser states / world size, + one gathered block); activations, masked weights and Sinkhorn "
@@ -715,7 +714,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         notes.append(note)
     if memory is not None and sum(i.bytes for i in items) > memory:
         notes += _hints(items)
-    steps = _steps(cfg, world, strategy)
+    steps = _steps(cfg, world, strategy, mode)
     title.append(f"  {len(groups)} binding groups, {len(linears)} bound linears, {n_blocks} blocks; batch {batch} x "
                  f"{seq_len or '-'} per device; groups={method.groups if method.block_size is None else '-'}, "
                  f"block_size={method.block_size}, mode={method.mode}, weights "
@@ -745,11 +744,16 @@ def _host_items(linears: list[LinearPlan], weights: int, pruner: Any, mode: str)
         how = "X^T X per linear (SparseGPT), float64"
     bound = sum(lin.numel for lin in linears)
     out = [Item("model as loaded", weights, "exact", "the checkpoint in model.load.dtype"
-                + ("; block mode: could stream block by block from its safetensors shards" if mode == "block" else "")),
+                + ("; block mode keeps it here and moves one block at a time to the device" if mode == "block" else "")),
            Item("calibration statistics", stats, "exact", how)]
     if mode == "e2e":
         out.append(Item("scores + masks while building", bound * (F32 + linears[0].itemsize) if linears else 0,
                         "exact", "built on the host before Lightning moves them to the device"))
+    else:
+        by_block = _by_block(linears)
+        largest = max((sum(lin.numel * lin.itemsize for lin in lins) for lins in by_block.values()), default=0)
+        out.append(Item("dense copy of the current block", largest, "exact",
+                        "its bound weights, copied before it is pruned and restored once its output is cached"))
     return out
 
 
@@ -767,9 +771,9 @@ def _flops(trace: Trace, method: LearnedPermutation, groups: list[GroupPlan], li
     else:
         linear = sum(2.0 * tokens * lin.numel for lin in linears)
         attention = trace.attention_flops_by_block.get(block, 0.0)
-        model_fwd = 2 * (linear + attention)  # the dense block's target and the student, every step
+        model_fwd = linear + attention  # the student; the dense targets are computed once per window and block
         model_bwd = 2 * linear + 2 * attention
-        how = f"block {block}: 2 x tokens x its weights + attention, teacher + student"
+        how = f"block {block}: 2 x tokens x its weights + attention, the student (targets cached once per window)"
     return [("model forward", model_fwd, how),
             ("model backward", model_bwd, "gradients of the inputs and of the masked weights"),
             ("permutation gradient", grad, "4 x d_in x g x d_out per bound linear (the P-gradient matmuls)"

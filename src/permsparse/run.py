@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from permsparse import zeroshot
-from permsparse.config import build_method, validate_config
+from permsparse.config import block_steps, build_method, validate_config
 from permsparse.errors import ConfigError
 from permsparse.export import save_pruned_state
 from permsparse.models.binding import get_spec
@@ -41,13 +41,13 @@ from permsparse.prune import (
     prune_model_sequential,
     skip_indivisible,
 )
-from permsparse.runs import CHECKPOINT, PERMS, PRUNED, RESULTS, RunRecord, build_model
+from permsparse.runs import BLOCK_CHECKPOINT, CHECKPOINT, PERMS, PRUNED, RESULTS, RunRecord, build_model
 from permsparse.sparsity.calibration import collect_stats
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_torch_save
 
-__all__ = ["train", "learn_permutations", "build_permutation", "package_versions", "skip_indivisible_if",
-           "SKIP_INDIVISIBLE_KEY"]
+__all__ = ["train", "learn_permutations", "learn_block_permutations", "build_permutation", "package_versions",
+           "skip_indivisible_if", "SKIP_INDIVISIBLE_KEY"]
 
 SKIP_INDIVISIBLE_KEY = "prune.skip_indivisible"
 
@@ -152,6 +152,85 @@ def learn_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Mo
     return perms, summary, callback.stats
 
 
+def _block_mode(cfg: DictConfig) -> bool:
+    return cfg.learning.get("mode", "e2e") == "block"
+
+
+def _block_device(cfg: DictConfig) -> torch.device:
+    """The device ``trainer.accelerator`` names, for block-local learning's own loop."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu") or "cpu").lower()
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available; use trainer=cpu")
+        return torch.device("cuda")
+    if accelerator in ("cpu", "mps"):
+        return torch.device(accelerator)
+    raise ConfigError(f"trainer.accelerator={accelerator} is not supported by learning.mode=block; use cpu or gpu")
+
+
+def learn_block_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Module, datamodule: Any,
+                             pruner: Any, pattern: NMPattern, stats: Mapping | None, out_dir: Path, logger: Any = None,
+                             resume: Path | None = None) -> tuple[dict[str, Tensor], dict, Any]:
+    """Block-local learning (``learning.mode=block``, :mod:`permsparse.block_local`), then, with
+    ``learning.finetune_e2e``, a short end-to-end pass (:func:`learn_permutations`) that starts from the block-local
+    permutations. Same return as :func:`learn_permutations`.
+
+    ``resume``: a block checkpoint (``checkpoints/blocks.pt`` of an earlier run); its finished blocks are not
+    trained again. After every block the checkpoint is written to ``out_dir``.
+    """
+    import dataclasses
+
+    from permsparse.block_local import BlockSettings, learn_block_local
+
+    settings = BlockSettings(
+        steps=block_steps(cfg), optimizer=instantiate(cfg.perm.optimizer), scheduler=instantiate(cfg.perm.scheduler),
+        val_every=cfg.learning.get("val_every_n_steps"), device=_block_device(cfg),
+        bf16=str(cfg.trainer.get("precision", "32-true")) == "bf16-mixed", seed=int(cfg.seed),
+        progress=bool(cfg.progress),
+    )
+    seq_len = cfg.learning.get("seq_len")
+    train = list(datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len))
+    val = list(datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len))
+    done = {}
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        done = {s["block"]: ({g: state["perms"][g] for g in s["groups"]}, s) for s in state["blocks"]}
+    checkpoint = out_dir / BLOCK_CHECKPOINT
+
+    def on_block_end(perms: dict[str, Tensor], summaries: list[dict]) -> None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"perms": perms, "blocks": summaries}, checkpoint)
+        if logger is not None:
+            last = summaries[-1]
+            logger.log_metrics({"block/final_loss": last["final_loss"], "block/best_val_loss": last["best_val_loss"]},
+                               step=last["block"])
+
+    perms, blocks = learn_block_local(model, method, pruner, pattern, stats, train, val, settings,
+                                      forward=datamodule.forward, done=done, on_block_end=on_block_end)
+    summary: dict[str, Any] = {
+        "mode": "block", "steps": sum(b["steps"] for b in blocks), "steps_per_block": settings.steps,
+        "seconds": sum(b["seconds"] for b in blocks), "blocks": blocks,
+        "changed_channels": int(sum((p != torch.arange(p.numel())).sum() for p in perms.values())),
+        "grad_dtype": blocks[0]["grad_dtype"] if blocks else None, "finetune": None,
+    }
+    if cfg.learning.get("finetune_e2e"):
+        finetune_cfg = cfg.copy()
+        with open_dict(finetune_cfg):
+            finetune_cfg.learning.mode = "e2e"
+            if cfg.learning.get("finetune_steps") is not None:
+                finetune_cfg.learning.max_steps = int(cfg.learning.finetune_steps)
+        last = None if resume is None else resume.parent.parent / CHECKPOINT
+        perms, summary["finetune"], stats = learn_permutations(
+            finetune_cfg, dataclasses.replace(method, init=perms), model, datamodule, pruner, pattern, stats,
+            out_dir, logger, ckpt_path=last if last is not None and last.is_file() else None)
+        summary["best_val_loss"] = summary["finetune"]["best_val_loss"]
+        summary["history"] = summary["finetune"]["history"]
+        summary["changed_channels"] = summary["finetune"]["changed_channels"]
+    return perms, summary, stats
+
+
 def _distributed(cfg: DictConfig) -> bool:
     """A multi-process Lightning strategy (DDP/FSDP): calibration and learning happen inside ``fit``."""
     strategy = str(cfg.trainer.get("strategy", "") or "")
@@ -167,6 +246,17 @@ def _resume_checkpoint(cfg: DictConfig) -> Path | None:
     """The checkpoint to resume from, checked readable before any model is loaded."""
     if not cfg.get("resume"):
         return None
+    if _block_mode(cfg):
+        path = Path(cfg.resume) / BLOCK_CHECKPOINT
+        if not path.is_file():
+            raise ConfigError(f"resume={cfg.resume}: no block checkpoint at {path}; did the run finish a block?")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConfigError(f"resume={cfg.resume}: block checkpoint {path} is unreadable: {err}") from None
+        if not isinstance(state, dict) or not {"perms", "blocks"} <= set(state):
+            raise ConfigError(f"resume={cfg.resume}: {path} is not a block checkpoint (no perms / blocks)")
+        return path
     path = Path(cfg.resume) / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"resume={cfg.resume}: no checkpoint at {path}; was the run's permutation training started?")
@@ -377,10 +467,14 @@ def train(cfg: DictConfig) -> dict:
     permutation: Any = method
     if learned:
         with timer("learn_permutations"):
-            permutation, learn_summary, stats = learn_permutations(
-                cfg, method, setup.model, setup.datamodule, pruner, pattern, stats, out_dir, logger, ckpt_path,
-                calibrate=calibrate if sharded else None,
-            )
+            if _block_mode(cfg):
+                permutation, learn_summary, stats = learn_block_permutations(
+                    cfg, method, setup.model, setup.datamodule, pruner, pattern, stats, out_dir, logger, ckpt_path)
+            else:
+                permutation, learn_summary, stats = learn_permutations(
+                    cfg, method, setup.model, setup.datamodule, pruner, pattern, stats, out_dir, logger, ckpt_path,
+                    calibrate=calibrate if sharded else None,
+                )
     if _global_rank() != 0:
         # Under DDP every rank runs this flow; only rank 0 evaluates and writes the results.
         return {"perms": permutation, "rank": _global_rank()}

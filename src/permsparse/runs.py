@@ -29,13 +29,15 @@ from torch import Tensor, nn
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_write_json, read_json
 
-__all__ = ["RESULTS", "PERMS", "PRUNED", "CHECKPOINT", "FORMAT_VERSION", "RunRecord", "LoadedRun", "load_run",
+__all__ = ["RESULTS", "PERMS", "PRUNED", "CHECKPOINT", "BLOCK_CHECKPOINT", "FORMAT_VERSION", "RunRecord", "LoadedRun", "load_run",
            "find_runs", "architecture_only", "build_model", "export_run"]
 
 RESULTS = "results.json"
 PERMS = "perms.pt"
 PRUNED = "pruned.safetensors"
 CHECKPOINT = "checkpoints/last.ckpt"
+#: block-local learning's checkpoint: the finished blocks' permutations and summaries (learning.mode=block)
+BLOCK_CHECKPOINT = "checkpoints/blocks.pt"
 #: version of the results.json layout; runs written before it had a version read as 1
 FORMAT_VERSION = 1
 

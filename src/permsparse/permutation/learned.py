@@ -244,9 +244,11 @@ class LearnedPermutation:
         return TemperatureSchedule(self.tau_start, self.tau_end, total_steps, self.tau_schedule)
 
     def build(self, model: nn.Module, pruner: Pruner, pattern: NMPattern | str,
-              stats: Mapping[str, LayerStats] | None = None, spec: BindingSpec | None = None) -> LearnedPermutations:
-        """The learnable costs and masks of every binding group of ``model`` (not yet attached)."""
-        return LearnedPermutations(model, pruner, pattern, stats, self, spec)
+              stats: Mapping[str, LayerStats] | None = None, spec: BindingSpec | None = None,
+              block: int | None = None) -> LearnedPermutations:
+        """The learnable costs and masks of every binding group of ``model`` (of block ``block`` only, if given),
+        not yet attached."""
+        return LearnedPermutations(model, pruner, pattern, stats, self, spec, block)
 
     def refresh(self, learned: LearnedPermutations, tau: float, generator: torch.Generator | None = None) -> float:
         """One step's permutations and masks at temperature ``tau``; returns the Sinkhorn residual."""
@@ -278,6 +280,8 @@ class LearnedPermutations(nn.Module):
               (:func:`~permsparse.permutation.apply.native_bf16_matmul`), float32 elsewhere. Resolved at
               :meth:`attach`, on the model's device; :attr:`grad_dtype` tells which.
         spec: binding spec (found from the model class if omitted).
+        block: only the groups of this block (block-local learning, :mod:`permsparse.block_local`); ``None``: all.
+            A group's cost is initialised (and seeded) as in the whole-model case.
     """
 
     def __init__(
@@ -288,6 +292,7 @@ class LearnedPermutations(nn.Module):
         stats: Mapping[str, LayerStats] | None = None,
         method: LearnedPermutation | None = None,
         spec: BindingSpec | None = None,
+        block: int | None = None,
     ) -> None:
         super().__init__()
         method = LearnedPermutation() if method is None else method
@@ -297,7 +302,10 @@ class LearnedPermutations(nn.Module):
         self.grad_dtype: torch.dtype | None = None  # resolved by attach
         self.pattern = NMPattern.parse(pattern)
         self.spec = spec or get_spec(model)
-        self.binding = self.spec.groups(model)
+        all_groups = self.spec.groups(model)
+        self.binding = [g for g in all_groups if block is None or g.block == block]
+        if not self.binding:
+            raise ValueError(f"{type(model).__name__} has no binding group in block {block}")
         self.foldable = foldable
         if foldable:
             check_foldable(self.binding, self.pattern)
@@ -305,7 +313,9 @@ class LearnedPermutations(nn.Module):
         self.costs = nn.ModuleDict()
         self._states: dict[str, _GroupState] = {}
         object.__setattr__(self, "_model", model)  # not a submodule: only the costs are parameters here
-        for index, group in enumerate(self.binding):
+        for index, group in enumerate(all_groups):  # the group's index in the model seeds its cost
+            if block is not None and group.block != block:
+                continue
             scores, dtypes = {}, {}
             for name in group.linears:
                 weight = model.get_submodule(name).weight.detach()

@@ -28,14 +28,23 @@ __all__ = [
     "all_reduce_stats",
     "move_stats",
     "block_hidden_state",
+    "capture_block_inputs",
+    "advance_block_inputs",
+    "run_block",
+    "hidden_of",
+    "BlockInputs",
 ]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 OnBlockFn = Callable[[int, dict[str, LayerStats]], None]
+#: the captured calls of one block: ``(positional args, keyword args)`` per batch
+BlockInputs = list[tuple[tuple, dict[str, Any]]]
 
 #: keyword arguments of a captured block call that hold a KV cache; cleared so re-running a block
 #: on the same inputs does not grow (or read) a cache
 _CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+#: keyword names under which a block may receive its hidden state
+_HIDDEN_KWARGS = ("hidden_states", "x", "input")
 
 
 class _StopForward(Exception):
@@ -227,10 +236,20 @@ def block_hidden_state(output: Any) -> Tensor:
     )
 
 
+def hidden_of(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    """The hidden-state argument of a captured block call (the first positional one, or ``hidden_states``)."""
+    if args:
+        return args[0]
+    for key in _HIDDEN_KWARGS:
+        if key in kwargs:
+            return kwargs[key]
+    raise ValueError("calibration: cannot find the hidden-state argument of the captured block call")
+
+
 def _replace_hidden(args: tuple, kwargs: dict[str, Any], hidden: Tensor) -> tuple[tuple, dict[str, Any]]:
     if args:
         return (hidden, *args[1:]), kwargs
-    for key in ("hidden_states", "x", "input"):
+    for key in _HIDDEN_KWARGS:
         if key in kwargs:
             return args, {**kwargs, key: hidden}
     raise ValueError("calibration: cannot find the hidden-state argument of the captured block call")
@@ -250,10 +269,12 @@ def collect_stats_sequential(
 ) -> dict[str, LayerStats]:
     """Block-by-block calibration (Wanda / SparseGPT): block i sees the outputs of pruned blocks < i.
 
-    Captures the positional and keyword inputs of ``blocks[0]`` per batch, then for each block:
+    Captures the positional and keyword inputs of ``blocks[0]`` per batch (:func:`capture_block_inputs`), then for
+    each block:
     collects stats of ``block_layer_names[i]`` (names relative to ``model``), calls
     ``on_block(i, stats_i)`` (which prunes the block in place; under DDP it should all-reduce the
-    stats first), and re-runs the block to produce the next block's inputs. Keyword inputs (masks,
+    stats first), and re-runs the block to produce the next block's inputs (:func:`advance_block_inputs`; block-local
+    learning, :mod:`permsparse.block_local`, walks the blocks the same way). Keyword inputs (masks,
     position embeddings) are reused as captured for every block; KV caches are dropped.
     Returns the stats of all blocks.
     """
@@ -264,16 +285,34 @@ def collect_stats_sequential(
         )
     if not blocks:
         return {}
+    all_stats: dict[str, LayerStats] = {}
+    with _eval_mode(model), torch.no_grad():
+        captured = capture_block_inputs(model, blocks[0], batches, forward=forward, progress=progress)
+        for i, block in enumerate(tqdm(blocks, desc="sequential calibration", disable=not progress)):
+            with _hooks(model, block_layer_names[i], hessian, dtype) as accs:
+                for args, kwargs in captured:
+                    block(*args, **kwargs)
+            stats_i = {name: acc.stats() for name, acc in accs.items()}
+            on_block(i, stats_i)
+            all_stats.update(move_stats(stats_i, store_device))
+            if i + 1 < len(blocks):
+                advance_block_inputs(block, captured)
+    return all_stats
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any], forward: ForwardFn | None = None,
+                         progress: bool = True) -> BlockInputs:
+    """The positional and keyword inputs of ``block`` (the first block) for every batch, in order: the model's
+    forward runs up to that block and is stopped there. KV caches are dropped from the keyword inputs."""
     fwd = forward or default_forward
-    captured: list[tuple[tuple, dict[str, Any]]] = []
+    captured: BlockInputs = []
 
     def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         captured.append((tuple(args), _sanitize_kwargs(kwargs)))
         raise _StopForward
 
-    all_stats: dict[str, LayerStats] = {}
     with _eval_mode(model), torch.no_grad():
-        handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             for batch in tqdm(batches, total=_total(batches), desc="capture inputs", disable=not progress):
                 try:
@@ -283,20 +322,27 @@ def collect_stats_sequential(
                 raise RuntimeError("calibration: the forward pass never reached blocks[0]")
         finally:
             handle.remove()
-        if not captured:
-            raise ValueError("calibration: no calibration batches")
+    if not captured:
+        raise ValueError("calibration: no calibration batches")
+    return captured
 
-        for i, block in enumerate(tqdm(blocks, desc="sequential calibration", disable=not progress)):
-            with _hooks(model, block_layer_names[i], hessian, dtype) as accs:
-                for args, kwargs in captured:
-                    block(*args, **kwargs)
-            stats_i = {name: acc.stats() for name, acc in accs.items()}
-            on_block(i, stats_i)
-            all_stats.update(move_stats(stats_i, store_device))
-            if i + 1 < len(blocks):
-                for k, (args, kwargs) in enumerate(captured):
-                    captured[k] = _replace_hidden(args, kwargs, block_hidden_state(block(*args, **kwargs)))
-    return all_stats
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: tuple[tuple, dict[str, Any]]) -> Tensor:
+    """``block``'s hidden-state output for one captured input, computed on the block's device and returned on the
+    device the input is stored on (the host, when the block was moved to an accelerator)."""
+    args, kwargs = inputs
+    device = _model_device(block)
+    store = hidden_of(args, kwargs).device
+    out = block(*_to_device(args, device), **_to_device(kwargs, device))
+    return block_hidden_state(out).to(store)
+
+
+def advance_block_inputs(block: nn.Module, inputs: BlockInputs) -> None:
+    """Replace, in place, every captured input's hidden state by ``block``'s output on it: the inputs of the next
+    block (keyword inputs such as masks and position embeddings are kept as captured)."""
+    for k, (args, kwargs) in enumerate(inputs):
+        inputs[k] = _replace_hidden(args, kwargs, run_block(block, (args, kwargs)))
 
 
 def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
