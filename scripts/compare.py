@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun folder (or any folder with results.json files)")
     parser.add_argument("--png", type=Path, default=None, help="plot path (default: <sweep_dir>/compare.png)")
+    parser.add_argument("--wandb", nargs="?", const="", default=None, metavar="GROUP",
+                        help="also log the table and the plot to a W&B run in GROUP (default: the runs' "
+                             "experiment_name; offline without WANDB_API_KEY)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a folder", file=sys.stderr)
@@ -179,7 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(f"\nplot: {png}\ntable: {args.sweep_dir / 'compare.csv'}")
+    if args.wandb is not None:
+        from permsparse.tables import log_to_wandb
+
+        group = args.wandb or _experiment_name(args.sweep_dir)
+        folder = log_to_wandb([args.sweep_dir / "compare.csv", png], name=f"compare:{args.sweep_dir.name}",
+                              group=group, save_dir=args.sweep_dir, config={"sweep_dir": str(args.sweep_dir),
+                                                                           "metric": metric})
+        print(f"W&B: {folder} (group {group})")
     return 0
+
+
+def _experiment_name(root: Path) -> str | None:
+    """The ``experiment_name`` of the first run below ``root`` (the group its W&B runs logged to)."""
+    runs = load_runs(root)
+    return (runs[0].get("config") or {}).get("experiment_name") if runs else None
 
 
 if __name__ == "__main__":

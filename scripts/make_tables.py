@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default: every table some run belongs to)")
     parser.add_argument("--model", action="append", default=[], metavar="PAPER=OURS",
                         help="fill a paper model's rows with another model's runs (repeatable)")
+    parser.add_argument("--wandb", nargs="?", const="", default=None, metavar="GROUP",
+                        help="also log every table and plot to one W&B run per table, in GROUP (default: the "
+                             "table's experiment, e.g. paper_table1; offline without WANDB_API_KEY)")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.tables.split(",") if k.strip()] if args.tables else None
     out = args.out or args.dirs[0] / "tables"
@@ -54,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "tables.md").read_text(encoding="utf-8"))
     for key, files in written.items():
         print(f"{key}: " + ", ".join(str(f) for f in files))
+    if args.wandb is not None:
+        from permsparse.tables import log_to_wandb
+
+        experiments = {t.key: t.experiment for t in TABLES}
+        for key, files in written.items():
+            group = args.wandb or experiments.get(key)
+            folder = log_to_wandb(files, name=f"tables:{key}", group=group, save_dir=out, config={"table": key})
+            print(f"W&B {key}: {folder} (group {group})")
     return 0
 
 

@@ -252,3 +252,36 @@ def test_only_filled_leaves_out_rows_and_metrics_without_runs(tmp_path):
     text = markdown(table, fill(table, runs), only_filled=True)
     assert "ViT-B/16 2:4" in text and "ViT-B/16 4:8" in text
     assert "| ViT-L/14" not in text and "**top-5" not in text
+
+
+def test_compare_logs_its_table_and_plot_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "sweep"
+    shutil.copytree(ROOT / "results" / "vit_fmnist_2-4_wanda", sweep, ignore=shutil.ignore_patterns("*.png", "*.csv"))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert compare.main([str(sweep), "--wandb", "vit_group"]) == 0
+    from helpers.wandb_offline import iter_records
+
+    run_dirs = list((sweep / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    records = list(iter_records(next(run_dirs[0].glob("run-*.wandb"))))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.run_group, run.job_type) == ("vit_group", "compare")
+    logged = {item.key or item.nested_key[0] for r in records if r.WhichOneof("record_type") == "history"
+              for item in r.history.item}
+    assert {"tables/compare", "plots/compare"} <= logged
+    table = json.loads(next(run_dirs[0].glob("files/media/table/tables/compare_*.table.json")).read_text())
+    with open(sweep / "compare.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert table["columns"] == rows[0] and len(table["data"]) == len(rows) - 1 == 17
+    col = rows[0].index("top1")
+    assert [r[col] for r in table["data"]] == [float(r[col]) for r in rows[1:]]  # numbers, so W&B can plot them
+    assert list(run_dirs[0].glob("files/media/images/plots/compare_*.png"))

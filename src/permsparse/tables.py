@@ -22,7 +22,7 @@ from permsparse.runs import RunRecord, find_runs
 
 __all__ = ["mean_sem", "main_metric", "gap_closed", "phase_metrics", "Run", "Cell", "gather", "config_value", "matches",
            "metric_value", "matched", "fill", "markdown", "write_csv", "plot_metrics", "plot_curves",
-           "plot_efficacy", "make_tables"]
+           "plot_efficacy", "make_tables", "log_to_wandb"]
 
 _RECORD_FIELDS = ("model", "dataset", "pattern", "pruner", "perm", "seed")
 _ABSENT = object()
@@ -454,3 +454,49 @@ def make_tables(paths: Iterable[str | Path], out_dir: str | Path, keys: Sequence
     if texts:
         (out / "tables.md").write_text("\n".join(texts), encoding="utf-8")
     return written
+
+
+def _number_or_text(value: str) -> float | str:
+    """A CSV cell as a float where it reads as one (so W&B can plot the column), else the text."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def log_to_wandb(files: Iterable[str | Path], name: str, group: str | None = None, project: str = "permsparse",
+                 save_dir: str | Path | None = None, config: Mapping[str, Any] | None = None) -> Path:
+    """Log a comparison's files to one W&B run (``job_type="compare"``), so a dashboard shows them unwired: every
+    ``.csv`` as a ``wandb.Table`` (``tables/<stem>``), every ``.png`` as an image (``plots/<stem>``).
+
+    ``group`` puts the run beside the runs it compares (they log to the ``experiment_name`` group, conf/logger/
+    wandb.yaml). Without ``WANDB_API_KEY`` the run is offline (``wandb sync`` uploads it later), as for training
+    runs. Returns the run's local folder.
+    """
+    import os
+
+    import wandb
+
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    files = [Path(f) for f in files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"log_to_wandb: no such file(s): {', '.join(missing)}")
+    run = wandb.init(project=project, group=group, name=name, job_type="compare", dir=str(save_dir) if save_dir else None,
+                     config=dict(config or {}), reinit="finish_previous")
+    try:
+        logged: dict[str, Any] = {}
+        for path in files:
+            if path.suffix == ".csv":
+                with open(path, newline="", encoding="utf-8") as f:
+                    rows = list(csv.reader(f))
+                if rows:
+                    data = [[_number_or_text(v) for v in row] for row in rows[1:]]
+                    logged[f"tables/{path.stem}"] = wandb.Table(columns=rows[0], data=data)
+            elif path.suffix == ".png":
+                logged[f"plots/{path.stem}"] = wandb.Image(str(path))
+        run.log(logged)
+        return Path(run.dir).parent
+    finally:
+        run.finish()
