@@ -419,7 +419,7 @@ def trace_step(module: Any, model: nn.Module, blocks: list[nn.Module], bound: li
 
 @dataclass(frozen=True)
 class Item:
-    """One row of the table: bytes per device, ``exact`` / ``estimate`` / ``design``, and how it is computed."""
+    """One row of the table: bytes per device, ``exact`` / ``estimate``, and how it is computed."""
 
     name: str
     bytes: int
