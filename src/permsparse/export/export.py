@@ -4,7 +4,8 @@ Folder layout written by :func:`export_model`:
 
 * HF causal LMs (Llama, Qwen2, Mistral, Gemma 3, Phi-3, Qwen2-MoE with its experts stacked back, and any causal LM bound
   by discovery) and Qwen2.5-VL (verified on token ids with an image each): ``save_pretrained`` output
-  (``config.json``, ``model.safetensors`` and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a plain timm state dict.
+  (``config.json``, ``model.safetensors`` and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a
+  plain timm state dict.
   State-dict keys are the stock ones: gathered layers keep their ``weight``/``bias`` names.
 * ``permsparse_export.json`` (the sidecar): pattern, pruner, family, dtype, how to rebuild the architecture
   (timm), per group its permutation, whether it was folded or gathered and why, and the verification record.
