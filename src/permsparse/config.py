@@ -121,9 +121,24 @@ def validate_config(cfg: DictConfig) -> None:
     if resume and not Path(str(resume)).is_dir():
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
     _check_image_folder(cfg)
+    _check_model_targets(cfg)
     _check_model_source(cfg)
     _check_hub_model(cfg)
     _check_zeroshot(cfg)
+
+
+def _check_model_targets(cfg: DictConfig) -> None:
+    """``model.targets`` (a vision-language model's towers to prune): the vision tower runs on images only, and a
+    causal-LM dataset feeds token ids only, so a run could neither calibrate nor learn its permutations."""
+    targets = OmegaConf.select(cfg, "model.targets", default=None)
+    if targets is None:
+        return
+    chosen = [targets] if isinstance(targets, str) else list(targets)
+    if "vision" in chosen and cfg.dataset.get("task") == "causal_lm":
+        raise ConfigError(f"model.targets={chosen} includes vision, but dataset={cfg.dataset.name} feeds token ids "
+                          "only: the vision tower would get no calibration data and no gradient. Use "
+                          "model.targets=[language] here; prune the vision tower through the core API with image "
+                          "batches (docs/architecture.md)")
 
 
 def _check_block_mode(cfg: DictConfig) -> None:

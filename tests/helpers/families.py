@@ -64,7 +64,8 @@ def learned_val_losses(model: nn.Module, steps: int = 20, seed: int = 0) -> tupl
     from permsparse.sparsity.pruners import MagnitudePruner
 
     torch.manual_seed(seed)
-    data = torch.randint(0, int(model.config.vocab_size), (8, 24), generator=torch.Generator().manual_seed(seed))
+    vocab = model.config.get_text_config().vocab_size  # a composite (vision-language) config keeps it in text_config
+    data = torch.randint(0, int(vocab), (8, 24), generator=torch.Generator().manual_seed(seed))
     module = CausalLMModule(model, optimizer=functools.partial(torch.optim.AdamW, lr=0.05), alpha=1e-5)
     callback = PermutationLearning(LearnedPermutation(groups=2, init_scale=0.05, tau_start=1.0, tau_end=0.1,
                                                       warm_iters=None), MagnitudePruner(), "2:4")

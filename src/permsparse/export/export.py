@@ -3,8 +3,9 @@
 Folder layout written by :func:`export_model`:
 
 * HF causal LMs (Llama, Qwen2, Mistral, Gemma 3, Phi-3, Qwen2-MoE with its experts stacked back, and any causal LM bound
-  by discovery): ``save_pretrained`` output (``config.json``, ``model.safetensors``
-  and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a plain timm state dict.
+  by discovery) and Qwen2.5-VL (verified on token ids with an image each): ``save_pretrained`` output
+  (``config.json``, ``model.safetensors`` and, when given, the tokenizer); timm ViTs: ``model.safetensors``, a
+  plain timm state dict.
   State-dict keys are the stock ones: gathered layers keep their ``weight``/``bias`` names.
 * ``permsparse_export.json`` (the sidecar): pattern, pruner, family, dtype, how to rebuild the architecture
   (timm), per group its permutation, whether it was folded or gathered and why, and the verification record.
@@ -196,6 +197,40 @@ def _moe_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
 
 
 register_export_family(ExportFamily("qwen2_moe", "hf_save_pretrained", _hf_inputs, _hf_forward, _moe_save, _moe_load))
+
+
+def _vl_inputs(model: nn.Module, gen: torch.Generator, batch: int) -> dict[str, Tensor]:
+    """Qwen2.5-VL: token ids with one image each (both towers and the merger run, whatever is targeted)."""
+    from permsparse.models.qwen2_5_vl import image_example
+
+    return image_example(model, batch, generator=gen)
+
+
+def _vl_forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return model(**inputs, use_cache=False).logits
+
+
+def _vl_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
+    """Qwen2.5-VL has no ``AutoModelForCausalLM`` entry: its own class rebuilds it; the towers the export pruned
+    are marked again (``model.targets``), so that ``get_spec`` of the reloaded model binds what was pruned."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from permsparse.models.qwen2_5_vl import set_targets
+
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder, dtype=getattr(torch, sidecar["dtype"]), local_files_only=True, output_loading_info=True
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"{folder}: the saved weights do not match the architecture: {bad}")
+    linears = [n for g in sidecar["groups"].values() for n in g["linears"]]
+    towers = [t for t, part in (("language", ".language_model."), ("vision", ".visual."))
+              if any(part in n for n in linears)]
+    return set_targets(model, towers or ("language",))
+
+
+register_export_family(ExportFamily("qwen2_5_vl", "hf_save_pretrained", _vl_inputs, _vl_forward, _hf_save,
+                                    _vl_load))
 register_export_family(ExportFamily("timm_vit", "timm_safetensors", _timm_inputs, _timm_forward, _timm_save, _timm_load,
                                     needs_build=True))
 # models bound by discovery (permsparse.models.discovery): the same formats, found by what the model is

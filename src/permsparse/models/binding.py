@@ -7,8 +7,9 @@ adding one :class:`BindingSpec` subclass and registering it; nothing here traces
 model names.
 
 The producer of a group's input is one of four small records: :class:`ResidualStream`,
-:class:`OutputRows`, :class:`ValueRows` or :class:`Opaque` (with :class:`Discovered`, the opaque producer of a
-group found by binding discovery); code asks ``isinstance``, never a string.
+:class:`OutputRows`, :class:`ValueRows` or :class:`Opaque` (with two opaque subclasses: :class:`Discovered`, the
+producer of a group found by binding discovery, and :class:`SecondStream`, the residual stream of a second tower
+such as a vision encoder); code asks ``isinstance``, never a string.
 
 A model that no registered spec matches can still be bound by *discovery* (:mod:`permsparse.models.discovery`):
 :func:`get_spec` falls back to it when it is given, or can build, an example input.
@@ -30,7 +31,7 @@ from torch import nn
 from permsparse.errors import ConfigError
 
 __all__ = ["BindingGroup", "BindingSpec", "register_spec", "get_spec", "SPECS", "Producer", "ResidualStream",
-           "OutputRows", "ValueRows", "Opaque", "Discovered", "WithoutGroups", "leave_dense", "left_dense"]
+           "OutputRows", "ValueRows", "Opaque", "Discovered", "SecondStream", "WithoutGroups", "leave_dense", "left_dense"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,17 @@ class Discovered(Opaque):
 
     model_class: str = ""
     kind: ClassVar[str] = "discovered"
+
+
+@dataclass(frozen=True)
+class SecondStream(Opaque):
+    """The normalised residual stream of a second tower of the model (``stream``: e.g. ``"vision tower"``), beside
+    the main one that :class:`ResidualStream` names. Its readers could share one permutation of that stream, but
+    permsparse folds one residual-stream permutation per model (``perm.residual=shared``: the main stream's), so
+    export gathers these groups' permutations at run time and says so."""
+
+    stream: str = ""
+    kind: ClassVar[str] = "second_stream"
 
 
 @dataclass

@@ -38,8 +38,10 @@ def _llama_like_classes() -> tuple[type, ...]:
 
 
 def head_layout(model: nn.Module) -> tuple[int, int, int]:
-    """``(head_dim, num_heads, num_kv_heads)`` of a Hugging Face decoder, from its config."""
+    """``(head_dim, num_heads, num_kv_heads)`` of a Hugging Face decoder, from its config (the text config of a
+    composite one, e.g. a vision-language model's ``config.text_config``)."""
     cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -70,16 +72,21 @@ class LlamaLikeSpec(BindingSpec):
         return model, ""
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(self._decoder(model)[0].layers)
+        return [model.get_submodule(p) for p in self.block_prefixes(model)]
 
-    def block_prefixes(self, model: nn.Module) -> list[str]:
+    def layer_prefixes(self, model: nn.Module) -> list[str]:
+        """Module-name prefix of every decoder layer. The blocks are these layers here; a family with blocks of its
+        own before them (a vision tower) overrides :meth:`block_prefixes` and keeps this."""
         decoder, root = self._decoder(model)
         return [f"{root}layers.{i}" for i in range(len(decoder.layers))]
+
+    def block_prefixes(self, model: nn.Module) -> list[str]:
+        return self.layer_prefixes(model)
 
     def groups(self, model: nn.Module) -> list[BindingGroup]:
         head_dim, heads, kv_heads = head_layout(model)
         out: list[BindingGroup] = []
-        for i, p in enumerate(self.block_prefixes(model)):
+        for i, p in enumerate(self.layer_prefixes(model)):
             a, m = f"{p}.self_attn", f"{p}.mlp"
             out += [
                 BindingGroup(f"layers.{i}.qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv", i,
@@ -96,7 +103,7 @@ class LlamaLikeSpec(BindingSpec):
     def residual_params(self, model: nn.Module) -> list[tuple[str, int]]:
         decoder, root = self._decoder(model)
         out: list[tuple[str, int]] = [(f"{root}embed_tokens.weight", 1)]
-        for p in self.block_prefixes(model):
+        for p in self.layer_prefixes(model):
             for norm in self.layer_norms:
                 out.append((f"{p}.{norm}.weight", 0))
                 if getattr(model.get_submodule(f"{p}.{norm}"), "bias", None) is not None:  # not in stock Llama

@@ -28,6 +28,7 @@ __all__ = [
     "tiny_gemma3",
     "tiny_phi3",
     "tiny_qwen2_moe",
+    "tiny_qwen2_5_vl",
     "tiny_vit",
 ]
 
@@ -179,6 +180,36 @@ def tiny_qwen2_moe(seed: int = 0, **overrides: Any) -> nn.Module:
         "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128, "num_experts": 4,
         "num_experts_per_tok": 2, **overrides})
     return unfuse_experts(model)
+
+
+#: the tiny Qwen2.5-VL's vision tower: 2 blocks, hidden 32, 2 heads of 16, SwiGLU MLP 64; 3-channel 2x2 patches, one
+#: frame per patch, 2x2 patches merged into one decoder token, windows of 2x2 merged tokens (block 0) and full
+#: attention (block 1)
+TINY_QWEN2_5_VL_VISION: dict[str, Any] = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=2, temporal_patch_size=1,
+    spatial_merge_size=2, window_size=8, fullatt_block_indexes=[1], out_hidden_size=TINY_LM_CONFIG["hidden_size"],
+)
+#: the tiny Qwen2.5-VL's special token ids, at the top of the 128-character vocabulary (DEL and the three below it)
+TINY_QWEN2_5_VL_TOKENS: dict[str, int] = dict(vision_start_token_id=124, vision_end_token_id=125, video_token_id=126,
+                                              image_token_id=127)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, targets: Any = ("language",), **overrides: Any) -> nn.Module:
+    """A ``Qwen2_5_VLForConditionalGeneration``: the decoder as :func:`tiny_qwen2` (hidden 64, 2 layers, 4 heads / 2 kv
+    heads, q/k/v biases, vocab 128, multimodal rotary sections 2/3/3 of the 8 frequencies) and a 2-block vision tower
+    (:data:`TINY_QWEN2_5_VL_VISION`). Text-only input (``input_ids``) runs the decoder alone. ``targets``
+    (``model.targets``): which towers are pruned (:func:`permsparse.models.qwen2_5_vl.set_targets`). ``overrides``
+    go to the text config; ``vision_config={...}`` to the vision tower's."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from permsparse.models.qwen2_5_vl import set_targets
+
+    vision = {**TINY_QWEN2_5_VL_VISION, **overrides.pop("vision_config", {})}
+    text = {**TINY_LM_CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 3, 3]},
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides}
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **TINY_QWEN2_5_VL_TOKENS)
+    return set_targets(_seeded_build(seed, lambda: Qwen2_5_VLForConditionalGeneration(cfg)), targets)
 
 
 def tiny_vit(seed: int = 0, **overrides: Any) -> nn.Module:

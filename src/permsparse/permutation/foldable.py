@@ -30,7 +30,14 @@ import torch
 from torch import Tensor
 
 from permsparse.errors import ConfigError
-from permsparse.models.binding import BindingGroup, Discovered, OutputRows, ResidualStream, ValueRows
+from permsparse.models.binding import (
+    BindingGroup,
+    Discovered,
+    OutputRows,
+    ResidualStream,
+    SecondStream,
+    ValueRows,
+)
 from permsparse.permutation.base import PermutationMethod, WrappedMethod
 from permsparse.permutation.heads import as_perm, expand_kv_head_perms, kv_head_perms
 from permsparse.sparsity.nm import NMPattern
@@ -81,6 +88,10 @@ def is_foldable(group: BindingGroup, perm: Tensor) -> tuple[bool, str]:
         if local is None:
             return False, f"{why}; a runtime gather is needed"
         return True, f"within-head permutation folded into the value rows of {producer.module.rsplit('.', 1)[-1]}"
+    if isinstance(producer, SecondStream):
+        return False, (f"input is the normalised residual stream of the {producer.stream or 'second tower'}, not the "
+                       "model's main one: a shared residual-stream permutation (perm.residual=shared) is folded into "
+                       "the main stream only; a runtime gather is inserted")
     if isinstance(producer, Discovered):
         return False, (f"binding discovered from a forward pass of {producer.model_class or 'the model'} (no explicit "
                        "spec): folding knowledge missing (who produces this input is unknown); a runtime gather is "
