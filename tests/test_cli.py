@@ -51,7 +51,7 @@ def test_every_model_brings_its_default_dataset():
                 "llama2_7b": "wikitext2", "llama2_70b": "wikitext2", "tiny_llama": "tiny_text",
                 "tiny_qwen2": "tiny_text", "tiny_mistral": "tiny_text", "tiny_phi": "tiny_text", "tiny_opt": "tiny_text",
                 "tiny_gemma3": "tiny_text", "tiny_phi3": "tiny_text", "tiny_qwen2_moe": "tiny_text",
-                "tiny_qwen2_5_vl": "tiny_text", "hf_causal_lm": "shakespeare"}
+                "tiny_qwen2_5_vl": "tiny_text", "hf_causal_lm": "shakespeare", "qwen2_5_vl_3b": "c4_wikitext2"}
     assert sorted(expected) == sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
     for model, dataset in expected.items():
         assert compose_cfg([f"model={model}"], ROOT / "x").dataset.name == dataset

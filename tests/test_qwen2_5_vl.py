@@ -264,3 +264,30 @@ def test_a_run_on_text_only_batches_goes_end_to_end_and_its_folder_exports(tmp_p
     assert {g["kind"] for g in sidecar["groups"].values() if g["mode"] == "folded"} == {"o", "down"}
     assert not any(".visual." in n for g in sidecar["groups"].values() for n in g["linears"])
     load_exported(out)
+
+
+def test_a_saved_checkpoint_loads_through_hf_causal_lm_and_the_planner_builds_it_on_meta(tmp_path):
+    """``model=hf_causal_lm`` (and conf/model/qwen2_5_vl_3b.yaml) on a Qwen2.5-VL folder: the image-text class is
+    chosen (it is no AutoModelForCausalLM), the weights are the saved ones, ``model.targets`` reaches the spec, and
+    the planner builds the same binding on the meta device from the folder's config alone."""
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.models import loaders
+    from permsparse.models.tiny import tiny_hf_tokenizer
+    from permsparse.plan import meta_model
+
+    folder = tmp_path / "vl"
+    original = tiny_qwen2_5_vl(seed=1)
+    original.save_pretrained(folder)
+    tiny_hf_tokenizer().save_pretrained(folder)
+    model, _ = loaders.load_hf_causal_lm(str(folder), targets=["language", "vision"])
+    assert type(model) is type(original) and targets_of(model) == ("language", "vision")
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items())
+    assert [g.name for g in get_spec(model).groups(model)] == \
+        [g.name for g in get_spec(set_targets(original, ["language", "vision"])).groups(original)]
+    cfg = compose_cfg([*TINY_LM, "model=hf_causal_lm", "dataset=tiny_text", f"model.name_or_path={folder}",
+                       "+model.load.targets=[language]"], tmp_path / "out")
+    meta, _ = meta_model(cfg.model)
+    assert type(meta) is type(original) and targets_of(meta) == ("language",)
+    assert [g.name for g in get_spec(meta).groups(meta)] == \
+        [g.name for g in get_spec(set_targets(original, ["language"])).groups(original)]

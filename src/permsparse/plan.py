@@ -155,8 +155,6 @@ def meta_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
     shape = OmegaConf.to_container(shape, resolve=True) if isinstance(shape, DictConfig) else shape
     dtype = _dtype(load.get("dtype")) or torch.float32
     if target in ("permsparse.models.loaders.load_hf_causal_lm", "permsparse.models.loaders.load_smollm2"):
-        from transformers import AutoModelForCausalLM
-
         if target.endswith("load_smollm2"):
             folder = loaders._cache_root(load.get("cache_dir")) / loaders.SMOLLM2_CACHE_NAME
             if (folder / "config.json").is_file():
@@ -170,7 +168,11 @@ def meta_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
         from permsparse.models.qwen2_moe import unfuse_experts
 
         with torch.device("meta"):
-            model = unfuse_experts(AutoModelForCausalLM.from_config(config, dtype=dtype))  # as load_hf_causal_lm
+            model = unfuse_experts(loaders.causal_lm_class(config).from_config(config, dtype=dtype))  # as the loader
+        if load.get("targets") is not None:
+            from permsparse.models.qwen2_5_vl import set_targets
+
+            set_targets(model, load["targets"])
         return model.eval(), source
     if target == "permsparse.models.loaders.load_offline_vit":
         from timm.models.vision_transformer import VisionTransformer

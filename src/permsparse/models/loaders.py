@@ -33,6 +33,7 @@ __all__ = [
     "OFFLINE_VIT_DATASETS",
     "smollm2_gguf_path",
     "load_smollm2",
+    "causal_lm_class",
     "load_hf_causal_lm",
     "load_timm_vit",
     "offline_vit_info",
@@ -144,9 +145,21 @@ def load_smollm2(
     return model.eval(), tokenizer
 
 
+def causal_lm_class(config: Any) -> Any:
+    """The transformers auto class that builds ``config``'s model: ``AutoModelForCausalLM``, or, for a
+    vision-language config that it does not know (Qwen2.5-VL), ``AutoModelForImageTextToText``, whose model holds
+    the decoder a run prunes and the vision tower (dense unless ``model.targets`` names it)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    kind = type(config)
+    if kind not in AutoModelForCausalLM._model_mapping and kind in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_hf_causal_lm(
     name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, gguf_file: str | None = None,
-    **kwargs: Any,
+    targets: Any = None, **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """A Hugging Face causal LM and its tokenizer by hub id (``meta-llama/Llama-3.2-1B``) or local folder.
 
@@ -156,14 +169,18 @@ def load_hf_causal_lm(
     ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``, ``revision``). ``dtype`` may be a name
     (``"bfloat16"``), as a config gives it. A Qwen2-MoE model's stacked experts are unfused into per-expert
     ``nn.Linear`` modules (:func:`permsparse.models.qwen2_moe.unfuse_experts`), which its binding spec needs.
+    A vision-language checkpoint (Qwen2.5-VL) loads through ``AutoModelForImageTextToText``; ``targets``
+    (``model.targets``: ``[language]``, ``[language, vision]``) says which of its towers are pruned
+    (:func:`permsparse.models.qwen2_5_vl.set_targets`; ``None``: the decoder only).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     gguf = {"gguf_file": str(gguf_file)} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **gguf, **kwargs)
+        config = AutoConfig.from_pretrained(name_or_path, **gguf)
+        model = causal_lm_class(config).from_pretrained(name_or_path, dtype=dtype, **gguf, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = f"{str(name_or_path)!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file else "")
@@ -177,6 +194,10 @@ def load_hf_causal_lm(
     from permsparse.models.qwen2_moe import unfuse_experts
 
     unfuse_experts(model)  # Qwen2-MoE: one nn.Linear pair per expert (a no-op for every other family)
+    if targets is not None:
+        from permsparse.models.qwen2_5_vl import set_targets
+
+        set_targets(model, targets)
     return model.eval(), tokenizer
 
 
