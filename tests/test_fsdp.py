@@ -8,20 +8,13 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from helpers.workers import run_worker
 
 WORKER = ROOT / "tests" / "helpers" / "fsdp_worker.py"
 
 
 def _run(tmp_path, devices: int, per_device_batch: int) -> dict:
-    out = tmp_path / f"result_{devices}.pt"
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--devices", str(devices), "--per-device-batch", str(per_device_batch),
-         "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_worker(WORKER, tmp_path, devices, per_device_batch)
 
 
 def test_fsdp_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers as tf
 from helpers.families import (
-    assert_exactly_nm_and_nothing_else,
+    export_with_shared_residual,
     learned_val_losses,
+    prune_greedy_and_check,
     random_perms,
     token_batches,
 )
@@ -22,10 +23,9 @@ from permsparse.models.binding import BindingGroup, ResidualStream
 from permsparse.models.discovery import binding_differences
 from permsparse.models.qwen2_moe import ExpertLinears, unfuse_experts
 from permsparse.models.tiny import TINY_LM_CONFIG, tiny_qwen2_moe
-from permsparse.permutation.channel_swap import GreedyChannelSwap
 from permsparse.prune import prune_model
 from permsparse.sparsity.calibration import collect_stats
-from permsparse.sparsity.pruners import MagnitudePruner, WandaPruner
+from permsparse.sparsity.pruners import MagnitudePruner
 from permsparse.utils.io import read_json
 
 MOE = {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2}
@@ -142,13 +142,8 @@ def test_each_experts_statistics_come_from_the_tokens_routed_to_it_only():
 
 def test_pruning_leaves_exactly_nm_in_every_expert_and_the_routers_untouched():
     model = tiny_qwen2_moe()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = get_spec(model)
-    names = [n for g in spec.groups(model) for n in g.linears]
-    stats = collect_stats(model, names, token_batches(), progress=False)
-    report = prune_model(model, WandaPruner(), "2:4", GreedyChannelSwap(seed=0, escape_attempts=10), stats,
-                         progress=False)
-    assert_exactly_nm_and_nothing_else(model, before, report.perms)
+    before, report = prune_greedy_and_check(model)
+    names = [n for g in get_spec(model).groups(model) for n in g.linears]
     state = model.state_dict()
     assert all(torch.equal(state[k], before[k]) and (state[k] != 0).all() for k in ROUTERS)
     experts = [n for n in names if ".experts." in n]
@@ -201,12 +196,7 @@ def test_export_folds_each_experts_down_into_its_gate_up_rows_and_saves_a_stock_
 
 def test_a_shared_residual_permutation_folds_into_the_routers_columns_too(tmp_path):
     model = _jitter(tiny_qwen2_moe())
-    perms = random_perms(model, seed=2)
-    spec = get_spec(model)
-    shared = torch.randperm(64, generator=torch.Generator().manual_seed(5))
-    perms.update({g.name: shared for g in spec.groups(model) if isinstance(g.producer, ResidualStream)})
-    prune_model(model, MagnitudePruner(), "2:4", perms, progress=False)
-    result = export_model(model, perms, "2:4", tmp_path / "out")
+    perms, result = export_with_shared_residual(model, tmp_path / "out")
     assert {g.mode for g in result.report.groups} == {"folded"} and result.report.residual_perm is not None
     assert find_gathers(load_exported(tmp_path / "out")) == {}
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from helpers.families import (
     assert_exactly_nm_and_nothing_else,
+    export_with_shared_residual,
     learned_val_losses,
+    prune_greedy_and_check,
     random_perms,
     token_batches,
 )
@@ -131,13 +133,7 @@ def test_targets_are_checked_and_a_run_refuses_the_vision_tower_on_a_text_datase
 
 def test_by_default_pruning_leaves_the_decoder_exactly_nm_and_the_vision_tower_untouched():
     model = tiny_qwen2_5_vl()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = get_spec(model)
-    names = [n for g in spec.groups(model) for n in g.linears]
-    stats = collect_stats(model, names, token_batches(), progress=False)
-    report = prune_model(model, WandaPruner(), "2:4", GreedyChannelSwap(seed=0, escape_attempts=10), stats,
-                         progress=False)
-    assert_exactly_nm_and_nothing_else(model, before, report.perms)
+    before, report = prune_greedy_and_check(model)
     visual = [k for k in before if k.startswith("model.visual.")]
     assert len(visual) == 30 and all(torch.equal(model.state_dict()[k], before[k]) for k in visual)
     assert any(not torch.equal(p, torch.arange(p.numel())) for p in report.perms.values())
@@ -224,12 +220,8 @@ def test_a_shared_residual_permutation_folds_the_decoder_stream_and_the_merger_r
     """``perm.residual=shared``: the decoder's stream is folded (embeddings, norms, writers, lm_head, and the merger's
     last linear, which writes image embeddings into it); the vision tower's readers, a second stream, are gathered."""
     model = _jitter(tiny_qwen2_5_vl(targets=targets))
-    perms = random_perms(model, seed=2)
+    perms, result = export_with_shared_residual(model, tmp_path / "out")
     spec = get_spec(model)
-    shared = torch.randperm(64, generator=torch.Generator().manual_seed(5))
-    perms.update({g.name: shared for g in spec.groups(model) if isinstance(g.producer, ResidualStream)})
-    prune_model(model, MagnitudePruner(), "2:4", perms, progress=False)
-    result = export_model(model, perms, "2:4", tmp_path / "out")
     assert result.report.residual_perm is not None
     gathered = {g.kind for g in result.report.by_mode("gathered")}
     assert gathered == ({"vision_qkv", "vision_gate_up"} if "vision" in targets else set())

@@ -9,12 +9,12 @@ import logging
 import pytest
 import torch
 from conftest import TINY_LM, compose_cfg
-from helpers.families import random_perms
+from helpers.families import export_with_shared_residual
 
 from permsparse.errors import ConfigError
 from permsparse.export import SIDECAR, ExportVerificationError, export_model, find_gathers, load_exported
 from permsparse.models import get_spec
-from permsparse.models.binding import ResidualStream, WithoutGroups, leave_dense, left_dense
+from permsparse.models.binding import WithoutGroups, leave_dense, left_dense
 from permsparse.models.tiny import tiny_llama
 from permsparse.prune import check_model_divisible, prune_model, skip_indivisible
 from permsparse.sparsity.nm import NMPattern, is_nm
@@ -107,12 +107,8 @@ def test_a_shared_residual_permutation_reaches_the_columns_of_a_residual_reader_
     columns like the head's (WithoutGroups adds them), or the function changes."""
     model = tiny_llama(seed=0)
     leave_dense(model, {"layers.0.qkv": "test"})
-    perms = random_perms(model, seed=2)
+    perms, result = export_with_shared_residual(model, tmp_path / "out")
     spec = get_spec(model)
-    shared = torch.randperm(64, generator=torch.Generator().manual_seed(5))
-    perms.update({g.name: shared for g in spec.groups(model) if isinstance(g.producer, ResidualStream)})
-    prune_model(model, MagnitudePruner(), "2:4", perms, progress=False)
-    result = export_model(model, perms, "2:4", tmp_path / "out")
     assert result.report.residual_perm is not None and "layers.0.qkv" not in perms
     assert find_gathers(load_exported(tmp_path / "out")) == {}
 

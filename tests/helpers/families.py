@@ -76,3 +76,35 @@ def learned_val_losses(model: nn.Module, steps: int = 20, seed: int = 0) -> tupl
     trainer.validate(module, loader, verbose=False)
     trainer.fit(module, loader, loader)
     return [h["val_loss"] for h in callback.history], callback
+
+
+def prune_greedy_and_check(model: nn.Module) -> tuple[dict[str, torch.Tensor], object]:
+    """Wanda 2:4 scores with greedy channel swap on :func:`token_batches` statistics, then
+    :func:`assert_exactly_nm_and_nothing_else`; returns ``(the weights before, the prune report)``."""
+    from permsparse.permutation.channel_swap import GreedyChannelSwap
+    from permsparse.prune import prune_model
+    from permsparse.sparsity.calibration import collect_stats
+    from permsparse.sparsity.pruners import WandaPruner
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for g in get_spec(model).groups(model) for n in g.linears]
+    stats = collect_stats(model, names, token_batches(), progress=False)
+    report = prune_model(model, WandaPruner(), "2:4", GreedyChannelSwap(seed=0, escape_attempts=10), stats,
+                         progress=False)
+    assert_exactly_nm_and_nothing_else(model, before, report.perms)
+    return before, report
+
+
+def export_with_shared_residual(model: nn.Module, out, seed: int = 2, width: int = 64) -> tuple[dict, object]:
+    """Random permutations, one shared permutation for every residual-stream reader, magnitude 2:4, then
+    ``export_model`` into ``out``; returns ``(perms, the export result)``."""
+    from permsparse.export import export_model
+    from permsparse.models.binding import ResidualStream
+    from permsparse.prune import prune_model
+    from permsparse.sparsity.pruners import MagnitudePruner
+
+    perms = random_perms(model, seed=seed)
+    shared = torch.randperm(width, generator=torch.Generator().manual_seed(5))
+    perms.update({g.name: shared for g in get_spec(model).groups(model) if isinstance(g.producer, ResidualStream)})
+    prune_model(model, MagnitudePruner(), "2:4", perms, progress=False)
+    return perms, export_model(model, perms, "2:4", out)

@@ -84,21 +84,33 @@ class LlamaLikeSpec(BindingSpec):
         return self.layer_prefixes(model)
 
     def groups(self, model: nn.Module) -> list[BindingGroup]:
-        head_dim, heads, kv_heads = head_layout(model)
+        layout = head_layout(model)
         out: list[BindingGroup] = []
         for i, p in enumerate(self.layer_prefixes(model)):
-            a, m = f"{p}.self_attn", f"{p}.mlp"
-            out += [
-                BindingGroup(f"layers.{i}.qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv", i,
-                             ResidualStream()),
-                BindingGroup(f"layers.{i}.o", [f"{a}.o_proj"], "o", i,
-                             ValueRows(f"{a}.v_proj", (0, kv_heads * head_dim), head_dim, heads, kv_heads)),
-                BindingGroup(f"layers.{i}.gate_up", [f"{m}.gate_proj", f"{m}.up_proj"], "gate_up", i,
-                             ResidualStream()),
-                BindingGroup(f"layers.{i}.down", [f"{m}.down_proj"], "down", i,
-                             OutputRows((f"{m}.gate_proj", f"{m}.up_proj"))),
-            ]
+            out += self.attention_groups(i, p, layout) + self.swiglu_groups(i, f"layers.{i}", f"{p}.mlp")
         return out
+
+    @staticmethod
+    def attention_groups(i: int, prefix: str, layout: tuple[int, int, int]) -> list[BindingGroup]:
+        """Layer ``i``'s q/k/v group (reads the residual stream) and its o group (folds into v's rows, per kv
+        head); ``layout`` is ``(head_dim, heads, kv_heads)``."""
+        head_dim, heads, kv_heads = layout
+        a = f"{prefix}.self_attn"
+        return [
+            BindingGroup(f"layers.{i}.qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv", i, ResidualStream()),
+            BindingGroup(f"layers.{i}.o", [f"{a}.o_proj"], "o", i,
+                         ValueRows(f"{a}.v_proj", (0, kv_heads * head_dim), head_dim, heads, kv_heads)),
+        ]
+
+    @staticmethod
+    def swiglu_groups(i: int, name: str, mlp: str) -> list[BindingGroup]:
+        """A SwiGLU MLP's gate/up group (reads the residual stream) and its down group (folds into gate's and
+        up's rows), named ``<name>.gate_up`` / ``<name>.down``."""
+        return [
+            BindingGroup(f"{name}.gate_up", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], "gate_up", i, ResidualStream()),
+            BindingGroup(f"{name}.down", [f"{mlp}.down_proj"], "down", i,
+                         OutputRows((f"{mlp}.gate_proj", f"{mlp}.up_proj"))),
+        ]
 
     def residual_params(self, model: nn.Module) -> list[tuple[str, int]]:
         decoder, root = self._decoder(model)

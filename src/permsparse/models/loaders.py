@@ -173,14 +173,15 @@ def load_hf_causal_lm(
     (``model.targets``: ``[language]``, ``[language, vision]``) says which of its towers are pruned
     (:func:`permsparse.models.qwen2_5_vl.set_targets`; ``None``: the decoder only).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     gguf = {"gguf_file": str(gguf_file)} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **gguf)
-        config = AutoConfig.from_pretrained(name_or_path, **gguf)
-        model = causal_lm_class(config).from_pretrained(name_or_path, dtype=dtype, **gguf, **kwargs)
+        # a GGUF file holds a decoder-only LM; a folder or hub id may be a vision-language model (its config says)
+        auto = AutoModelForCausalLM if gguf else causal_lm_class(AutoConfig.from_pretrained(name_or_path))
+        model = auto.from_pretrained(name_or_path, dtype=dtype, **gguf, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = f"{str(name_or_path)!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file else "")

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from permsparse.errors import ConfigError
-from permsparse.models.binding import BindingGroup, OutputRows, ResidualStream, ValueRows, register_spec
+from permsparse.models.binding import BindingGroup, OutputRows, ResidualStream, register_spec
 from permsparse.models.llama import LlamaLikeSpec, head_layout, hf_classes
 
 __all__ = ["ExpertMLP", "ExpertLinears", "Qwen2MoeSpec", "unfuse_experts", "fused_experts", "stacked_experts"]
@@ -175,24 +175,14 @@ class Qwen2MoeSpec(LlamaLikeSpec):
         return True
 
     def groups(self, model: nn.Module) -> list[BindingGroup]:
-        head_dim, heads, kv_heads = head_layout(model)
+        layout = head_layout(model)
         out: list[BindingGroup] = []
         for i, p in enumerate(self.block_prefixes(model)):
-            a, m = f"{p}.self_attn", f"{p}.mlp"
-            out += [
-                BindingGroup(f"layers.{i}.qkv", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], "qkv", i,
-                             ResidualStream()),
-                BindingGroup(f"layers.{i}.o", [f"{a}.o_proj"], "o", i,
-                             ValueRows(f"{a}.v_proj", (0, kv_heads * head_dim), head_dim, heads, kv_heads)),
-            ]
+            m = f"{p}.mlp"
+            out += self.attention_groups(i, p, layout)
             sparse = self._sparse(model, p)
             name, mlp = (f"layers.{i}.shared_expert", f"{m}.shared_expert") if sparse else (f"layers.{i}", m)
-            out += [
-                BindingGroup(f"{name}.gate_up", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], "gate_up", i,
-                             ResidualStream()),
-                BindingGroup(f"{name}.down", [f"{mlp}.down_proj"], "down", i,
-                             OutputRows((f"{mlp}.gate_proj", f"{mlp}.up_proj"))),
-            ]
+            out += self.swiglu_groups(i, name, mlp)
             for e in range(len(model.get_submodule(f"{m}.experts")) if sparse else 0):
                 x = f"{m}.experts.{e}"
                 out += [
