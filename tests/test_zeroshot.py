@@ -225,3 +225,31 @@ def test_export_writes_the_layout_that_data_dir_reads(tmp_path, monkeypatch):
     for split, rows in (("test", ROWS), ("train", SHOTS)):
         lines = (tmp_path / "out" / HUB_ID / f"{split}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in lines] == rows
+
+
+def test_the_next_line_task_builds_offline_with_a_correct_answer_key_and_runs(tmp_path):
+    import json
+    import sys as _sys
+
+    from conftest import ROOT
+
+    from permsparse.data.text import load_corpus
+
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import next_line_task
+    finally:
+        _sys.path.remove(str(ROOT / "scripts"))
+    root = next_line_task.write_task(tmp_path / "nl", "pydoc", n=6, seed=1)
+    rows = [json.loads(line) for line in (root / next_line_task.HUB_ID / "test.jsonl").read_text().splitlines()]
+    assert rows == next_line_task.questions("pydoc", 8, 1)[:6]  # seeded: the same questions every time
+    lines = [line.strip() for line in load_corpus("pydoc").splitlines()]
+    follows = {(a, b) for a, b in zip(lines, lines[1:], strict=False)}
+    for r in rows:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+        assert (r["context"], r["choices"][r["answer"]]) in follows  # the key is the line that follows
+    assert len({r["answer"] for r in rows}) > 1  # the true line is not always in one place
+    name = next_line_task.TASK
+    settings = ZeroShotSettings.from_config({"tasks": [name], "data_dir": str(root), "batch_size": 4})
+    got = evaluate(tiny_llama(seed=3), tiny_tokenizer(), settings)
+    assert 0.0 <= got[f"{name}/acc"] <= 1.0 and got[f"{name}/acc"] * 6 == pytest.approx(round(got[f"{name}/acc"] * 6))
