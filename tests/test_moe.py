@@ -13,6 +13,7 @@ from helpers.families import (
     learned_val_losses,
     prune_greedy_and_check,
     random_perms,
+    run_and_export,
     token_batches,
 )
 
@@ -212,17 +213,8 @@ def test_a_shared_residual_permutation_folds_into_the_routers_columns_too(tmp_pa
 def test_a_run_goes_end_to_end_and_its_folder_exports(tmp_path, perm):
     """``perm=learned`` also runs the memory planner, which traces a step on the meta device (no routing there:
     every expert runs on every token, an upper bound on the experts' activations)."""
-    from conftest import TINY_LM, compose_cfg
-
-    from permsparse.run import train
-    from permsparse.runs import export_run
-
-    results = train(compose_cfg([*TINY_LM, "model=tiny_qwen2_moe", f"perm={perm}", "pruner=wanda",
-                                 "perm.foldable=true", "eval.identity_baseline=false"], tmp_path))
+    results, sidecar, out = run_and_export(tmp_path, "tiny_qwen2_moe", perm)
     assert set(results["efficacy"]["per_group"]) == {g.name for g in Qwen2MoeSpec().groups(tiny_qwen2_moe())}
-    assert (results["learning"] is not None) == (perm == "learned")
-    out = export_run(tmp_path)
-    sidecar = read_json(out / SIDECAR)
     assert sidecar["family"] == "qwen2_moe"
     assert {g["kind"] for g in sidecar["groups"].values() if g["mode"] == "folded"} == {"o", "down", "expert_down"}
     load_exported(out)

@@ -16,6 +16,7 @@ from helpers.families import (
     learned_val_losses,
     prune_greedy_and_check,
     random_perms,
+    run_and_export,
     token_batches,
 )
 
@@ -241,17 +242,10 @@ def test_a_shared_residual_permutation_folds_the_decoder_stream_and_the_merger_r
 
 @pytest.mark.parametrize("perm", ["greedy", "learned"])
 def test_a_run_on_text_only_batches_goes_end_to_end_and_its_folder_exports(tmp_path, perm):
-    from conftest import TINY_LM, compose_cfg
 
-    from permsparse.run import train
-    from permsparse.runs import export_run
 
-    results = train(compose_cfg([*TINY_LM, "model=tiny_qwen2_5_vl", f"perm={perm}", "pruner=wanda",
-                                 "perm.foldable=true", "eval.identity_baseline=false"], tmp_path))
+    results, sidecar, out = run_and_export(tmp_path, "tiny_qwen2_5_vl", perm)
     assert set(results["efficacy"]["per_group"]) == {g.name for g in Qwen2_5_VLSpec().groups(tiny_qwen2_5_vl())}
-    assert (results["learning"] is not None) == (perm == "learned")
-    out = export_run(tmp_path)
-    sidecar = read_json(out / SIDECAR)
     assert sidecar["family"] == "qwen2_5_vl"
     assert {g["kind"] for g in sidecar["groups"].values() if g["mode"] == "folded"} == {"o", "down"}
     assert not any(".visual." in n for g in sidecar["groups"].values() for n in g["linears"])

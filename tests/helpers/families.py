@@ -108,3 +108,20 @@ def export_with_shared_residual(model: nn.Module, out, seed: int = 2, width: int
     perms.update({g.name: shared for g in get_spec(model).groups(model) if isinstance(g.producer, ResidualStream)})
     prune_model(model, MagnitudePruner(), "2:4", perms, progress=False)
     return perms, export_model(model, perms, "2:4", out)
+
+
+def run_and_export(tmp_path, model: str, perm: str) -> tuple[dict, dict, object]:
+    """``train()`` on the tiny ``model`` config (Wanda, ``perm.foldable=true``, no identity row) into ``tmp_path``,
+    then ``export_run``; returns ``(results, the export sidecar, the export folder)``."""
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.export import SIDECAR
+    from permsparse.run import train
+    from permsparse.runs import export_run
+    from permsparse.utils.io import read_json
+
+    results = train(compose_cfg([*TINY_LM, f"model={model}", f"perm={perm}", "pruner=wanda",
+                                 "perm.foldable=true", "eval.identity_baseline=false"], tmp_path))
+    assert (results["learning"] is not None) == (perm == "learned")
+    out = export_run(tmp_path)
+    return results, read_json(out / SIDECAR), out
