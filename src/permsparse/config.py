@@ -14,13 +14,33 @@ from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["ConfigError", "validate_config", "build_method", "LEARNING_MODES", "e2e_steps", "block_steps",
-           "BLOCK_PRECISIONS"]
+           "BLOCK_PRECISIONS", "strategy_kind", "accelerator_kind"]
 
 _TASKS = {"causal_lm", "image_classification"}
 #: ``learning.mode``: end to end (the default) or block-local (:mod:`permsparse.block_local`)
 LEARNING_MODES = ("e2e", "block")
 #: ``trainer.precision`` values block-local learning runs in (its loop is plain PyTorch: fp32, or bf16 autocast)
 BLOCK_PRECISIONS = ("32-true", "32", "bf16-mixed")
+
+
+def strategy_kind(cfg: DictConfig) -> str:
+    """``trainer.strategy`` as the run flow and the planner treat it: ``"fsdp"``, ``"ddp"`` (DDP or DeepSpeed: one
+    process per device, the model replicated) or ``"single"`` (one process)."""
+    name = str(cfg.trainer.get("strategy", "") or "").lower()
+    return "fsdp" if "fsdp" in name else "ddp" if ("ddp" in name or "deepspeed" in name) else "single"
+
+
+def accelerator_kind(cfg: DictConfig) -> str:
+    """``trainer.accelerator`` as a torch device type: ``gpu`` / ``cuda`` -> ``"cuda"``, ``auto`` -> ``"cuda"`` when a
+    GPU is visible else ``"cpu"``, anything else lower-cased as given."""
+    import torch
+
+    acc = str(cfg.trainer.get("accelerator", "cpu") or "cpu").lower()
+    if acc in ("gpu", "cuda"):
+        return "cuda"
+    if acc == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return acc
 
 
 def e2e_steps(cfg: DictConfig, world: int = 1) -> int:
@@ -144,8 +164,8 @@ def _check_model_targets(cfg: DictConfig) -> None:
 def _check_block_mode(cfg: DictConfig) -> None:
     """What block-local learning (``learning.mode=block``) supports: one process, the paper's per-block SmoothL1,
     fp32 or bf16 autocast."""
-    strategy = str(cfg.trainer.get("strategy", "") or "")
-    if any(name in strategy.lower() for name in ("ddp", "fsdp", "deepspeed")):
+    if strategy_kind(cfg) != "single":
+        strategy = cfg.trainer.get("strategy")
         raise ConfigError(f"learning.mode=block runs in one process and does not support trainer.strategy={strategy} "
                           "(one block at a time already fits one device; python -m permsparse.plan shows it); use "
                           "trainer=cpu or trainer=gpu, or learning.mode=e2e for DDP/FSDP")

@@ -32,7 +32,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from permsparse.config import LEARNING_MODES, block_steps, build_method, e2e_steps
+from permsparse.config import (
+    LEARNING_MODES,
+    accelerator_kind,
+    block_steps,
+    build_method,
+    e2e_steps,
+    strategy_kind,
+)
 from permsparse.errors import ConfigError
 from permsparse.models.binding import BindingGroup, get_spec
 from permsparse.permutation.apply import native_bf16_matmul
@@ -484,20 +491,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _strategy(cfg: DictConfig) -> str:
-    name = str(cfg.trainer.get("strategy", "") or "").lower()
-    return "fsdp" if "fsdp" in name else "ddp" if ("ddp" in name or "deepspeed" in name) else "single"
-
-
-def _accelerator(cfg: DictConfig) -> str:
-    acc = str(cfg.trainer.get("accelerator", "cpu") or "cpu").lower()
-    if acc in ("gpu", "cuda"):
-        return "cuda"
-    if acc == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return acc
-
-
 def _world_size(cfg: DictConfig) -> int:
     declared = OmegaConf.select(cfg, "plan.world_size")
     if declared:
@@ -508,7 +501,7 @@ def _world_size(cfg: DictConfig) -> int:
     elif isinstance(devices, int):
         count = devices if devices > 0 else (torch.cuda.device_count() or 1)
     else:
-        count = (torch.cuda.device_count() or 1) if _accelerator(cfg) == "cuda" else 1
+        count = (torch.cuda.device_count() or 1) if accelerator_kind(cfg) == "cuda" else 1
     return max(count, 1) * int(cfg.trainer.get("num_nodes", 1) or 1)
 
 
@@ -577,7 +570,7 @@ def plan_run(cfg: DictConfig) -> Plan:
                             lambda d_in, name: method.blocks_for(d_in, pattern.m, name))
         spec = get_spec(model)
     binding = spec.groups(model)
-    accelerator, strategy, world = _accelerator(cfg), _strategy(cfg), _world_size(cfg)
+    accelerator, strategy, world = accelerator_kind(cfg), strategy_kind(cfg), _world_size(cfg)
     memory, memory_source, enforced = _device_memory(cfg, accelerator)
     precision = str(cfg.trainer.get("precision", "32-true"))
     batch = int(cfg.learning.batch_size)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from permsparse import zeroshot
-from permsparse.config import block_steps, build_method, validate_config
+from permsparse.config import accelerator_kind, block_steps, build_method, strategy_kind, validate_config
 from permsparse.errors import ConfigError
 from permsparse.export import save_pruned_state
 from permsparse.models.binding import get_spec
@@ -163,15 +163,11 @@ def _block_mode(cfg: DictConfig) -> bool:
 
 def _block_device(cfg: DictConfig) -> torch.device:
     """The device ``trainer.accelerator`` names, for block-local learning's own loop."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu") or "cpu").lower()
-    if accelerator == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available; use trainer=cpu")
-        return torch.device("cuda")
-    if accelerator in ("cpu", "mps"):
-        return torch.device(accelerator)
+    accelerator, kind = cfg.trainer.get("accelerator", "cpu"), accelerator_kind(cfg)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available; use trainer=cpu")
+    if kind in ("cuda", "cpu", "mps"):
+        return torch.device(kind)
     raise ConfigError(f"trainer.accelerator={accelerator} is not supported by learning.mode=block; use cpu or gpu")
 
 
@@ -238,8 +234,7 @@ def learn_block_permutations(cfg: DictConfig, method: LearnedPermutation, model:
 
 def _distributed(cfg: DictConfig) -> bool:
     """A multi-process Lightning strategy (DDP/FSDP): calibration and learning happen inside ``fit``."""
-    strategy = str(cfg.trainer.get("strategy", "") or "")
-    return any(name in strategy.lower() for name in ("ddp", "fsdp", "deepspeed"))
+    return strategy_kind(cfg) != "single"
 
 
 def _global_rank() -> int:
@@ -247,13 +242,9 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
-def _fsdp(cfg: DictConfig) -> bool:
-    return "fsdp" in str(cfg.trainer.get("strategy", "") or "").lower()
-
-
 def _check_fsdp(cfg: DictConfig) -> None:
     """``trainer=fsdp`` learns end to end from the start: no ``resume=`` (docs/planning.md)."""
-    if not _fsdp(cfg):
+    if strategy_kind(cfg) != "fsdp":
         return
     if cfg.get("resume"):  # (learning.mode=block with any multi-process strategy is refused by validate_config)
         raise ConfigError("resume= is not supported with trainer=fsdp (a sharded run's checkpoint has not been "

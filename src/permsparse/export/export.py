@@ -127,9 +127,14 @@ def _hf_save(model: nn.Module, folder: Path, build: dict[str, Any], tokenizer: A
 
 
 def _hf_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    """The saved folder through the auto class its config names (:func:`~permsparse.models.loaders.causal_lm_class`:
+    a causal LM, or a vision-language model), refusing missing, unexpected or mismatched weights."""
+    from transformers import AutoConfig
 
-    model, info = AutoModelForCausalLM.from_pretrained(
+    from permsparse.models.loaders import causal_lm_class
+
+    auto = causal_lm_class(AutoConfig.from_pretrained(folder, local_files_only=True))
+    model, info = auto.from_pretrained(
         folder, dtype=getattr(torch, sidecar["dtype"]), local_files_only=True, output_loading_info=True
     )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -211,18 +216,11 @@ def _vl_forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 
 
 def _vl_load(folder: Path, sidecar: dict[str, Any]) -> nn.Module:
-    """Qwen2.5-VL has no ``AutoModelForCausalLM`` entry: its own class rebuilds it; the towers the export pruned
-    are marked again (``model.targets``), so that ``get_spec`` of the reloaded model binds what was pruned."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """Qwen2.5-VL, reloaded as every HF family (its config names the image-text class); the towers the export
+    pruned are marked again (``model.targets``), so that ``get_spec`` of the reloaded model binds what was pruned."""
     from permsparse.models.qwen2_5_vl import set_targets
 
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        folder, dtype=getattr(torch, sidecar["dtype"]), local_files_only=True, output_loading_info=True
-    )
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ValueError(f"{folder}: the saved weights do not match the architecture: {bad}")
+    model = _hf_load(folder, sidecar)
     linears = [n for g in sidecar["groups"].values() for n in g["linears"]]
     towers = [t for t, part in (("language", ".language_model."), ("vision", ".visual."))
               if any(part in n for n in linears)]
