@@ -326,3 +326,119 @@ def test_perm_permllm_runs_end_to_end_on_the_shared_machinery(tmp_path):
     results = train(cfg)
     assert results["perm"] == "permllm" and results["learning"]["steps"] > 0
     assert results["learning"]["best_val_loss"] <= results["learning"]["history"][0]["val_loss"]
+
+
+def test_under_a_base_frame_the_gradients_are_those_of_the_same_blocks_on_frame_ordered_tensors():
+    """``base``: the fused hard gradient (with and without the bf16 workspace) and the soft-mask gradient on the
+    original tensors equal the frame-free functions run on tensors whose channels are put in the base's order."""
+    from permsparse.permutation.apply import (
+        gradient_workspace,
+        hard_permuted_masked_weight,
+        soft_mask_gradient,
+    )
+    from permsparse.permutation.base import block_to_global
+    from permsparse.permutation.hungarian import perm_to_matrix
+    from permsparse.sparsity.nm import nm_mask
+
+    gen = torch.Generator().manual_seed(1)
+    d_out, groups, size, n, m, t = 6, 2, 8, 2, 4, 0.3
+    d_in = groups * size
+    weight, scores = torch.randn(d_out, d_in, generator=gen), torch.rand(d_out, d_in, generator=gen)
+    base = torch.randperm(d_in, generator=gen)  # a global permutation: the blocks are runs of its order
+    local = block_to_global(torch.stack([torch.randperm(size, generator=gen) for _ in range(groups)]))
+    whole = base[local]
+    assert not (whole.reshape(groups, size) // size == torch.arange(groups).unsqueeze(1)).all()  # not block-diagonal
+    upstream = torch.randn(d_out, d_in, generator=gen)
+    mask_permuted = nm_mask(scores[:, whole], f"{n}:{m}").float()
+
+    def grads(w, s, u, frame, workspace=None):
+        p = perm_to_matrix(local.reshape(groups, size) - torch.arange(groups).unsqueeze(1) * size,
+                           torch.float32).requires_grad_(True)
+        out = hard_permuted_masked_weight(w, p, local, mask_permuted=mask_permuted, base=frame, workspace=workspace)
+        out = soft_mask_gradient(out, p, w, s, local if frame is None else whole, n, m, t, base=frame)
+        (out * u).sum().backward()
+        return out.detach(), p.grad
+
+    out, grad = grads(weight, scores, upstream, base)
+    frame_out, frame_grad = grads(weight[:, base], scores[:, base], upstream[:, base], None)
+    assert torch.equal(out, weight * torch.empty_like(mask_permuted).index_copy_(1, whole, mask_permuted))
+    assert torch.allclose(out[:, base], frame_out)
+    assert torch.allclose(grad, frame_grad, atol=1e-5)
+    assert grad.abs().sum() > 0
+    workspace = gradient_workspace(weight, groups, torch.bfloat16, base=base)
+    _, bf16_grad = grads(weight, scores, upstream, base, workspace)
+    assert (bf16_grad - frame_grad).norm() / frame_grad.norm() < 2e-2
+
+
+@pytest.mark.parametrize("base", ["ria", "greedy"])
+def test_a_base_with_the_identity_start_begins_exactly_at_the_global_heuristic_and_learns_on_top(base):
+    from permsparse.models import get_spec
+    from permsparse.permutation.channel_swap import GreedyChannelSwap
+    from permsparse.permutation.ria_cp import RIAChannelPermutation
+    from permsparse.prune import group_scores
+
+    model = tiny_llama(seed=0)
+    method = LearnedPermutation(groups=2, base=base, init="identity", init_scale=0.05)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=method)
+    start = learned.hard_permutations()
+    heuristic = RIAChannelPermutation() if base == "ria" else GreedyChannelSwap(seed=0)
+    crossing = 0
+    for group in get_spec(model).groups(model):
+        expected = heuristic.find(group_scores(model, group, MagnitudePruner(), None), "2:4", group.name)
+        assert torch.equal(start[group.name], expected), group.name
+        d_in = expected.numel()
+        crossing += int((expected[: d_in // 2] >= d_in // 2).sum())  # channels a block-diagonal start cannot move
+    assert crossing > 0
+    learned.attach()
+    assert all(torch.equal(learned.current_permutations()[k], v) for k, v in start.items())  # attach's first step
+    ids = _data(4)
+    with torch.no_grad():  # away from the start, then a full hard step: masks follow the whole permutation
+        for index, cost in enumerate(learned.costs.values()):
+            cost.raw.add_(2.0 * torch.randn(cost.raw.shape, generator=torch.Generator().manual_seed(index)))
+    learned.refresh(tau=0.5, hard=True)
+    current = learned.current_permutations()
+    model(input_ids=ids).logits.sum().backward()
+    assert all(cost.raw.grad is not None and cost.raw.grad.abs().sum() > 0 for cost in learned.costs.values())
+    for state in learned._states.values():
+        name = state.group.name
+        assert torch.equal(current[name], state.base[state.local])
+        # the blocks are runs of the base's order: each block keeps its set of channels
+        blocks = state.base.reshape(2, -1)
+        assert all(set(current[name].reshape(2, -1)[b].tolist()) == set(blocks[b].tolist()) for b in range(2))
+        for linear in state.group.linears:
+            score_t = state.scores_t[linear]
+            mask_t = state.masks_t[linear]
+            expected = torch.empty_like(mask_t).index_copy_(
+                0, current[name], nm_mask_t(score_t.index_select(0, current[name]), 2, 4).to(mask_t.dtype))
+            assert torch.equal(mask_t, expected), linear
+    learned.set_permutations(learned.hard_permutations())  # original indices round-trip through the frame
+    assert all(torch.equal(learned.current_permutations()[k], v) for k, v in learned.hard_permutations().items())
+
+
+def nm_mask_t(score_t, n, m):
+    """The N:M mask of transposed scores ``(d_in, d_out)`` (groups of M consecutive rows)."""
+    from permsparse.sparsity.nm import nm_mask
+
+    return nm_mask(score_t.T, f"{n}:{m}").T
+
+
+def test_a_base_is_checked_against_the_settings_it_cannot_serve():
+    from permsparse.errors import ConfigError
+
+    for kwargs, key in (({"base": "sorted"}, "base"), ({"base": "ria", "mode": "soft"}, "mode"),
+                        ({"base": "ria", "foldable": True}, "foldable"),
+                        ({"base": "ria", "init": {"g": torch.arange(4)}}, "init")):
+        with pytest.raises(ConfigError, match=key):
+            LearnedPermutation(**kwargs)
+
+
+def test_a_learned_run_on_a_base_validates_the_global_heuristic_first_and_never_ends_worse(tmp_path):
+    from conftest import TINY_LM, compose_cfg
+
+    from permsparse.run import train
+
+    results = train(compose_cfg([*TINY_LM, "perm.method.groups=2", "perm.method.base=ria",
+                                 "perm.method.init=identity", "perm.method.init_scale=0.25"], tmp_path))
+    history = results["learning"]["history"]
+    assert history[0]["step"] == 0 and history[0]["changed_channels"] > 0  # the start is RIA CP's permutation
+    assert results["learning"]["best_val_loss"] <= history[0]["val_loss"]

@@ -79,20 +79,21 @@ class _HardPermutedMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight_t: Tensor, p: Tensor, local_perm: Tensor, mask_t: Tensor,  # type: ignore[override]
-                workspace: Tensor | None) -> Tensor:
+                workspace: Tensor | None, base: Tensor | None = None) -> Tensor:
         masked_t = weight_t * mask_t
         # the output is (W * M P^T)^T, which the backward needs as well: saving it costs no memory (the layer keeps it)
-        ctx.save_for_backward(weight_t, local_perm, mask_t, masked_t)
+        ctx.save_for_backward(weight_t, local_perm, mask_t, masked_t, base)
         ctx.workspace = workspace
         return masked_t
 
     @staticmethod
     def backward(ctx, grad_t: Tensor):  # type: ignore[override]
-        weight_t, local, mask_t, masked_t = ctx.saved_tensors
+        weight_t, local, mask_t, masked_t, base = ctx.saved_tensors
         groups, size = local.shape
         d_out = weight_t.shape[1]
 
         def by_group(t: Tensor) -> Tensor:  # (d_in, d_out) -> (G, g, d_out): a view when t is contiguous
+            t = t if base is None else t.index_select(0, base)  # the channels in the frame's order
             return t.to(grad_t.dtype).reshape(groups, size, d_out)
 
         workspace = ctx.workspace
@@ -108,25 +109,29 @@ class _HardPermutedMask(torch.autograd.Function):
             rhs[..., d_out:].copy_(by_group(masked_t))
             block = torch.bmm(workspace, rhs.transpose(1, 2)).to(grad_t.dtype)
         # right-multiplying by the block permutation matrix: column j takes column local[j]
-        return None, torch.gather(block, 2, local.unsqueeze(1).expand(groups, size, size)), None, None, None
+        return None, torch.gather(block, 2, local.unsqueeze(1).expand(groups, size, size)), None, None, None, None
 
 
-def gradient_workspace(weight: Tensor, groups: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def gradient_workspace(weight: Tensor, groups: int, dtype: torch.dtype = torch.bfloat16,
+                       base: Tensor | None = None) -> Tensor:
     """The ``(G, g, 2 d_out)`` buffer that makes :func:`hard_permuted_masked_weight` compute the ``P``-gradient
     as one ``dtype`` matmul: ``W^T`` by group in the first half (so ``weight`` must stay unchanged while the
     workspace is in use), room for the incoming gradient in the second. On a CPU with native bf16 dot products
     (AVX512-BF16, AMX) a bf16 matmul runs at about twice the fp32 rate (measured by ``scripts/bench_machinery.py``,
-    recorded in ``results/benchmarks/``). Memory: the weight's size in fp32 (4 bytes per weight)."""
+    recorded in ``results/benchmarks/``). Memory: the weight's size in fp32 (4 bytes per weight). ``base``: the
+    frame of :func:`hard_permuted_masked_weight` (the weight's channels are stored in that order)."""
     d_out, d_in = weight.shape
     if d_in % groups:
         raise ValueError(f"d_in={d_in} is not divisible by groups={groups}")
     workspace = torch.empty(groups, d_in // groups, 2 * d_out, dtype=dtype, device=weight.device)
-    workspace[..., :d_out].copy_(weight.detach().T.reshape(groups, d_in // groups, d_out))
+    weight_t = weight.detach().T if base is None else weight.detach().T.index_select(0, base.to(weight.device))
+    workspace[..., :d_out].copy_(weight_t.reshape(groups, d_in // groups, d_out))
     return workspace
 
 
 def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_permuted: Tensor | None = None,
-                                mask_original: Tensor | None = None, workspace: Tensor | None = None) -> Tensor:
+                                mask_original: Tensor | None = None, workspace: Tensor | None = None,
+                                base: Tensor | None = None) -> Tensor:
     """Same value and ``P``-gradient as :func:`permuted_masked_weight` when ``p`` is (in value) the permutation
     matrix of ``perm`` (e.g. a straight-through estimate), at the cost of one masked copy in the forward pass.
     ``p``'s value is never read, so the Sinkhorn matrix behind a straight-through estimate may be passed
@@ -139,19 +144,27 @@ def hard_permuted_masked_weight(weight: Tensor, p: Tensor, perm: Tensor, mask_pe
     result is then a transposed view too, which a linear layer reads without a copy. Any layout gives the same values.
 
     ``workspace``: a :func:`gradient_workspace` of ``weight`` to compute the ``P``-gradient in its (lower) precision.
+
+    ``base``: a fixed ``(d_in,)`` permutation that defines the frame the blocks live in (``perm.method.base``): the
+    blocks of ``p`` are then contiguous runs of ``base``'s order rather than of the original channel order, the whole
+    permutation is ``base[perm]``, and ``perm`` is the block-diagonal part, in the frame. ``mask_original`` (or
+    ``mask_permuted``, chosen on the scores in the order ``base[perm]``) is the mask of that whole permutation; the
+    backward pass gathers the channels into the frame (one row gather per tensor); the workspace, if any, must be
+    built with the same ``base``.
     """
     groups, size = p.shape[0], p.shape[-1]
     perm = perm.to(weight.device)
+    base = None if base is None else base.to(weight.device)
     if mask_original is None:
         if mask_permuted is None:
             raise ValueError("hard_permuted_masked_weight needs mask_permuted or mask_original")
         mask_original = torch.empty_like(mask_permuted, dtype=weight.dtype)
-        mask_original[:, perm] = mask_permuted.detach().to(weight.dtype)
+        mask_original[:, perm if base is None else base[perm]] = mask_permuted.detach().to(weight.dtype)
     local = perm.reshape(groups, size) - torch.arange(groups, device=perm.device).unsqueeze(1) * size
     if workspace is not None and workspace.shape != (groups, size, 2 * weight.shape[0]):
         raise ValueError(f"gradient workspace of shape {tuple(workspace.shape)} does not fit a {tuple(weight.shape)} "
                          f"weight in {groups} groups; build it with gradient_workspace(weight, {groups})")
-    return _HardPermutedMask.apply(weight.T, p, local, mask_original.detach().to(weight.dtype).T, workspace).T
+    return _HardPermutedMask.apply(weight.T, p, local, mask_original.detach().to(weight.dtype).T, workspace, base).T
 
 
 class _SoftMaskGradient(torch.autograd.Function):
@@ -167,14 +180,14 @@ class _SoftMaskGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w_eff_t: Tensor, p: Tensor, weight_t: Tensor, scores_t: Tensor, perm: Tensor, n: int, m: int,
-                temperature: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight_t, scores_t, perm)
+                temperature: float, base: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight_t, scores_t, perm, base)
         ctx.n, ctx.m, ctx.t, ctx.p_shape, ctx.p_dtype = n, m, temperature, p.shape, p.dtype
         return w_eff_t.view_as(w_eff_t)
 
     @staticmethod
     def backward(ctx, grad_t: Tensor):  # type: ignore[override]
-        weight_t, scores_t, perm = ctx.saved_tensors
+        weight_t, scores_t, perm, base = ctx.saved_tensors
         n, m, t = ctx.n, ctx.m, ctx.t
         d_in, d_out = scores_t.shape
         with torch.no_grad():
@@ -184,16 +197,18 @@ class _SoftMaskGradient(torch.autograd.Function):
             g = g_mask.reshape(d_in // m, m, d_out)
             du = (n / t) * s * (g - (g * s).sum(dim=1, keepdim=True))  # dL/d(S P)^T, grouped
             blocks, size = ctx.p_shape[0], ctx.p_shape[1]
-            grad_p = torch.bmm(scores_t.float().reshape(blocks, size, d_out),
+            frame_t = scores_t if base is None else scores_t.index_select(0, base)  # the blocks' channels
+            grad_p = torch.bmm(frame_t.float().reshape(blocks, size, d_out),
                                du.reshape(blocks, size, d_out).transpose(1, 2))
-        return grad_t, grad_p.to(ctx.p_dtype), None, None, None, None, None, None
+        return grad_t, grad_p.to(ctx.p_dtype), None, None, None, None, None, None, None
 
 
 def soft_mask_gradient(w_eff: Tensor, p: Tensor, weight: Tensor, scores: Tensor, perm: Tensor, n: int, m: int,
-                       temperature: float) -> Tensor:
+                       temperature: float, base: Tensor | None = None) -> Tensor:
     """``w_eff`` unchanged, with the straight-through soft-mask gradient to ``p`` added in the backward pass
-    (see :class:`_SoftMaskGradient`). ``weight`` and ``scores`` are ``(d_out, d_in)``; ``perm`` the hard permutation
-    ``p`` stands for; ``temperature`` the soft top-N's, in units of the scores."""
+    (see :class:`_SoftMaskGradient`). ``weight`` and ``scores`` are ``(d_out, d_in)``; ``perm`` the whole hard
+    permutation (``base[local]`` under a frame, :func:`hard_permuted_masked_weight`); ``temperature`` the soft
+    top-N's, in units of the scores; ``base`` the frame ``p``'s blocks live in."""
     out = _SoftMaskGradient.apply(w_eff.T, p, weight.detach().T, scores.detach().T, perm.to(weight.device), n, m,
-                                  temperature)
+                                  temperature, None if base is None else base.to(weight.device))
     return out.T

@@ -46,9 +46,10 @@ from permsparse.permutation.schedule import SCHEDULES, TemperatureSchedule
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.nm import NMPattern, check_nm_scores, keep_top_n_planes, nm_mask
 
-__all__ = ["LearnedPermutation", "LearnedPermutations", "cost_key", "INITS", "MODES"]
+__all__ = ["LearnedPermutation", "LearnedPermutations", "cost_key", "INITS", "BASES", "MODES"]
 
 INITS = ("identity", "ria", "greedy")
+BASES = ("none", "ria", "greedy")
 MODES = ("hard", "soft")
 
 
@@ -88,8 +89,16 @@ class _GroupState:
         # transposed to (d_in, d_out) like the scores and the weights (see ``LearnedPermutations.attach``)
         self.masks_t: dict[str, Tensor] = {}
         self.dtypes = dtypes  # linear name -> weight dtype
-        self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks``
+        self.perm: Tensor | None = None  # (d_in,) hard permutation behind ``masks`` (original channel indices)
         self.soft = False  # ``p`` is a soft (Sinkhorn) matrix rather than a permutation in value
+        # ``perm.method.base``: the fixed global permutation whose order the blocks are contiguous runs of (None: the
+        # original order); ``perm == base[local]``, ``local`` the block-diagonal part the cost learns
+        self.base: Tensor | None = None
+        self.local: Tensor | None = None
+
+    def frame(self, t: Tensor) -> Tensor:
+        """``t`` (``(d_in, ...)``, rows = input channels) with its rows in the frame's order."""
+        return t if self.base is None else t.index_select(0, self.base.to(t.device))
 
     def to(self, device: torch.device) -> None:
         """Move every tensor to ``device`` (dtypes unchanged)."""
@@ -98,6 +107,8 @@ class _GroupState:
                 table[name] = tensor.to(device)
         self.p = None if self.p is None else self.p.to(device)
         self.perm = None if self.perm is None else self.perm.to(device)
+        self.base = None if self.base is None else self.base.to(device)
+        self.local = None if self.local is None else self.local.to(device)
 
 
 class _MaskedWeight(nn.Module):
@@ -118,14 +129,14 @@ class _MaskedWeight(nn.Module):
         p = state.p.to(weight.dtype)
         if state.soft:
             return permuted_masked_weight(weight, p, state.masks[self.linear_name])
-        out = hard_permuted_masked_weight(weight, p, state.perm, mask_original=state.masks_t[self.linear_name].T,
-                                          workspace=self.workspace)
+        out = hard_permuted_masked_weight(weight, p, state.local, mask_original=state.masks_t[self.linear_name].T,
+                                          workspace=self.workspace, base=state.base)
         method = self._owner.method
         if method.mask_grad and torch.is_grad_enabled():
             score_t = state.scores_t[self.linear_name]
             pattern = self._owner.pattern
             out = soft_mask_gradient(out, p, weight, score_t.T, state.perm, pattern.n, pattern.m,
-                                     method.mask_tau * state.mean_score[self.linear_name])
+                                     method.mask_tau * state.mean_score[self.linear_name], base=state.base)
         return out
 
 
@@ -146,7 +157,14 @@ class LearnedPermutation:
         init: ``"identity"`` (cost ``-I`` plus noise: the first hard permutation is the identity, so step 0 is
             the pruner without a permutation), ``"ria"`` / ``"greedy"`` (RIA channel permutation / greedy channel
             swap run inside each block: learning starts where the heuristic ends) or, in Python, a mapping
-            ``group name -> (d_in,) permutation``.
+            ``group name -> (d_in,) permutation``. Under a ``base`` the start is taken in the base's frame:
+            ``identity`` then starts exactly at the base heuristic's permutation.
+        base: ``"none"`` (blocks are contiguous runs of the original channel order) or ``"ria"`` / ``"greedy"``:
+            the heuristic's permutation of the whole layer (what ``perm=ria|greedy`` finds) fixes the frame, the
+            blocks are contiguous runs of its order, and the learned block-diagonal permutation is applied on top
+            of it (the layer's permutation is ``base[local]``). With ``init=identity`` learning begins exactly where
+            the global heuristic ends, rather than at the heuristic run inside each block. Hard mode only; not
+            with ``foldable`` or a mapping ``init``.
         init_scale: size of the ``-I`` (or ``-P_init``) initial cost before normalisation.
         noise: std of the initial Gaussian noise, relative to ``init_scale`` (breaks ties).
         normalize: standardise each ``g x g`` cost block before Sinkhorn.
@@ -173,6 +191,7 @@ class LearnedPermutation:
     groups: int = 4
     block_size: int | None = None
     init: str | Mapping[str, Tensor] = "ria"
+    base: str = "none"
     init_scale: float = 0.25
     noise: float = 0.01
     normalize: bool = True
@@ -203,7 +222,7 @@ class LearnedPermutation:
                 raise bad(name, f"it must be an integer >= {0 if name == 'seed' else 1}"
                           + ("; null runs every step from scratch" if name == "warm_iters" else "")
                           + ("; null uses groups" if name == "block_size" else ""))
-        for name, choices in (("mode", MODES), ("grad_precision", tuple(_GRAD_PRECISIONS)),
+        for name, choices in (("mode", MODES), ("grad_precision", tuple(_GRAD_PRECISIONS)), ("base", BASES),
                               ("tau_schedule", SCHEDULES)) + ((("init", INITS),) if isinstance(self.init, str) else ()):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{self.KEY}.{name}={getattr(self, name)!r} is invalid; choose "
@@ -224,6 +243,15 @@ class LearnedPermutation:
         for name in ("normalize", "foldable", "mask_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "it must be true or false")
+        if self.base != "none":
+            for name, value, why in (("mode", self.mode != "hard", "needs mode=hard"),
+                                     ("foldable", self.foldable, "cannot be combined with foldable=true (the base "
+                                      "permutation is not restricted to heads)"),
+                                     ("init", not isinstance(self.init, str), "takes init by name only (a mapping "
+                                      "of permutations is not expressed in the base's frame)")):
+                if value:
+                    raise ConfigError(f"{self.KEY}.base={self.base!r} {why}; got {self.KEY}.{name}="
+                                      f"{getattr(self, name)!r}")
 
     def blocks_for(self, d_in: int, m: int, name: str = "layer") -> int:
         """The number of blocks of a layer of ``d_in`` input channels under N:M with this ``m``; a
@@ -325,10 +353,14 @@ class LearnedPermutations(nn.Module):
             d_in = next(iter(scores.values())).shape[1]
             by_heads = foldable and is_head_restricted(group)
             groups = method.groups if by_heads else method.blocks_for(d_in, self.pattern.m, group.name)
+            stacked = torch.cat(list(scores.values()))
+            base = None
+            if method.base != "none":  # the global heuristic fixes the frame the blocks live in
+                base = _heuristic(method.base, method.seed).find(stacked, self.pattern, group.name).long()
+                stacked = stacked[:, base]
             if init in ("ria", "greedy"):  # the heuristic inside each of the blocks, so the start is block-diagonal
                 heuristic = _heuristic(init, method.seed)
-                group_init: str | Tensor = find_block_diagonal(heuristic, torch.cat(list(scores.values())),
-                                                               self.pattern, groups, group.name)
+                group_init: str | Tensor = find_block_diagonal(heuristic, stacked, self.pattern, groups, group.name)
             else:
                 group_init = init if isinstance(init, str) else init[group.name]
             n_groups, tie = groups, 1
@@ -342,6 +374,7 @@ class LearnedPermutations(nn.Module):
                 tie=tie,
             )
             self._states[group.name] = _GroupState(group, scores, dtypes)
+            self._states[group.name].base = base
         self._attached = False
         self._masked: list[tuple[_MaskedWeight, nn.Module, int]] = []  # (parametrization, linear, groups)
         self._kept_start: dict[str, Tensor] = {}  # the start's kept score per group (kept-score term only)
@@ -402,7 +435,7 @@ class LearnedPermutations(nn.Module):
                 total = total + (score_t.index_select(0, state.perm.to(score_t.device)) * mask_perm_t).sum()
                 continue
             blocks, g = state.p.shape[0], state.p.shape[1]
-            s_b = score_t.reshape(blocks, g, -1)
+            s_b = state.frame(score_t).reshape(blocks, g, -1)
             m_b = mask_perm_t.reshape(blocks, g, -1)
             with torch.no_grad():  # C[b, i, j] = sum_r S[r, b g + i] M[r, b g + j]: the gradient of <S P, M> to P
                 c = torch.bmm(s_b, m_b.transpose(1, 2))
@@ -430,7 +463,8 @@ class LearnedPermutations(nn.Module):
                 masked.workspace = None
             elif workspace is None or workspace.device != device or workspace.dtype != self.grad_dtype:
                 original = module.parametrizations.weight.original
-                masked.workspace = gradient_workspace(original.to(device), groups, self.grad_dtype)
+                masked.workspace = gradient_workspace(original.to(device), groups, self.grad_dtype,
+                                                      base=masked._state.base)
 
     def detach_model(self) -> None:
         """Remove the parametrizations, leaving the original dense weights in place."""
@@ -465,18 +499,25 @@ class LearnedPermutations(nn.Module):
         # straight-through gradient, so the Sinkhorn matrix itself is passed (same gradient, no hard matrix built)
         solved = solve_costs(costs, tau, n_iters, hard, gumbel_scale, generator, warm_iters, hard_value=False)
         for state, (p, local) in zip(self._states.values(), solved, strict=True):
-            self._set(state, p, block_to_global(local), soft=not hard)
+            self._set(state, p, block_to_global(local), soft=not hard)  # local: in the base's frame
         return max(cost.last_residual for cost in costs)
 
     @torch.no_grad()
     def set_permutations(self, perms: Mapping[str, Tensor]) -> None:
-        """Use fixed hard permutations (no gradient), e.g. for validation or the final evaluation."""
+        """Use fixed hard permutations (no gradient), e.g. for validation or the final evaluation. Permutations are
+        in original channel indices (as :meth:`hard_permutations` gives them); under a base they must be
+        ``base[local]`` with ``local`` block-diagonal."""
         for group_name, state in self._states.items():
             cost = self.costs[cost_key(group_name)]
             perm = perms[group_name].to(cost.raw.device).long()
+            if state.base is not None:
+                perm = torch.argsort(state.base.to(perm.device))[perm]  # into the frame
             self._set(state, perm_to_matrix(global_to_block(perm, cost.groups), cost.raw.dtype), perm)
 
-    def _set(self, state: _GroupState, p: Tensor, perm: Tensor, soft: bool = False) -> None:
+    def _set(self, state: _GroupState, p: Tensor, local: Tensor, soft: bool = False) -> None:
+        # ``local``: the permutation in the base's frame (the original order without a base)
+        state.local = local
+        perm = local if state.base is None else state.base.to(local.device)[local]
         # Hard: the mask depends on the permutation only, so it is recomputed only when that changes.
         # Soft: the mask is the N:M mask of the softly permuted scores S P, new every step.
         if soft:
@@ -513,7 +554,9 @@ class LearnedPermutations(nn.Module):
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
         """The zero-temperature permutation of every group (Hungarian on the cost), ``(d_in,)`` each."""
-        return {name: self.costs[cost_key(name)].harden().cpu() for name in self._states}
+        perms = {name: self.costs[cost_key(name)].harden().cpu() for name in self._states}
+        return {name: perm if (base := self._states[name].base) is None else base.cpu()[perm]
+                for name, perm in perms.items()}
 
     def current_permutations(self) -> dict[str, Tensor]:
         """The hard permutations used in the last forward pass."""
