@@ -50,7 +50,7 @@ from permsparse.sparsity.calibration import block_hidden_state
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["MODES", "LinearPlan", "GroupPlan", "Item", "Plan", "Trace", "meta_model", "plan_run", "check_plan",
-           "parse_bytes", "format_bytes", "main"]
+           "parse_bytes", "format_bytes", "compose_config", "main"]
 
 log = logging.getLogger("permsparse")
 
@@ -129,15 +129,9 @@ def _hf_config(name_or_path: str, shape: Mapping[str, Any] | None) -> tuple[Any,
     if not shape:
         raise ConfigError(f"the planner needs the config of {name_or_path!r} ({errors[-1]}); it is not cached and the "
                           "model yaml has no `shape:` fallback. Download it once, or add model.shape")
-    return _shape_config(shape), f"{name_or_path}: shape fallback of the model yaml (no config reachable)"
+    from permsparse.models.loaders import shape_config
 
-
-def _shape_config(shape: Mapping[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    values = dict(shape)
-    model_type = values.pop("model_type", "llama")
-    return AutoConfig.for_model(model_type, **values)
+    return shape_config(shape), f"{name_or_path}: shape fallback of the model yaml (no config reachable)"
 
 
 def meta_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
@@ -167,7 +161,7 @@ def meta_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
             if (folder / "config.json").is_file():
                 config, source = _hf_config(str(folder), shape)[0], f"SmolLM2 cached config ({folder})"
             elif shape:
-                config, source = _shape_config(shape), "SmolLM2: shape of conf/model/smollm2_135m.yaml (not yet cached)"
+                config, source = loaders.shape_config(shape), "SmolLM2: shape of conf/model/smollm2_135m.yaml (not yet cached)"
             else:
                 raise ConfigError("the planner needs SmolLM2's shape: model.shape is missing and no cached copy exists")
         else:
@@ -830,7 +824,9 @@ def check_plan(cfg: DictConfig) -> Plan | None:
     return plan
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str]) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides``, as ``train.py`` composes it (``PERMSPARSE_CONF``: another
+    config folder)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(_config_dir()), version_base="1.3"):
@@ -846,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     args = [f"plan.{a}" if a.split("=", 1)[0] in ("device_memory", "world_size", "tflops") else a for a in args]
     logging.basicConfig(level=logging.WARNING)
     try:
-        plan = plan_run(_compose(args))
+        plan = plan_run(compose_config(args))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ __all__ = [
     "smollm2_gguf_path",
     "load_smollm2",
     "causal_lm_class",
+    "shape_config",
     "load_hf_causal_lm",
     "load_timm_vit",
     "offline_vit_info",
@@ -155,6 +156,17 @@ def causal_lm_class(config: Any) -> Any:
     if kind not in AutoModelForCausalLM._model_mapping and kind in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
+
+
+def shape_config(shape: Any) -> Any:
+    """The transformers config a ``shape:`` block of ``conf/model/*.yaml`` describes: its ``model_type`` (default
+    ``llama``) and that config's own fields (hidden, intermediate, layers, heads, kv heads, vocabulary), as copied from
+    the hub config. The planner's offline fallback and :func:`permsparse.models.tiny.random_causal_lm` build from it."""
+    from transformers import AutoConfig
+
+    values = dict(shape)
+    model_type = values.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **values)
 
 
 def load_hf_causal_lm(

@@ -30,6 +30,7 @@ __all__ = [
     "tiny_qwen2_moe",
     "tiny_qwen2_5_vl",
     "tiny_vit",
+    "random_causal_lm",
 ]
 
 TINY_LM_CONFIG: dict[str, Any] = dict(
@@ -115,6 +116,20 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return _lm(LlamaConfig, LlamaForCausalLM, seed, overrides)
+
+
+def random_causal_lm(seed: int = 0, model_type: str = "llama", dtype: str | torch.dtype | None = None,
+                     **shape: Any) -> nn.Module:
+    """A seeded, randomly initialised causal LM of any size: ``model_type`` and the config fields of a ``shape:``
+    block of ``conf/model/*.yaml`` (:func:`permsparse.models.loaders.shape_config`), e.g. LLaMA-2-7B's shape with
+    ``num_hidden_layers=2`` (``scripts/bench_scale.py``). ``dtype``: of the weights (float32 when unset). Built as
+    the hub loader builds it (the auto class, Qwen2-MoE experts unfused); nothing is downloaded."""
+    from permsparse.models.loaders import causal_lm_class, shape_config
+    from permsparse.models.qwen2_moe import unfuse_experts
+
+    config = shape_config({"model_type": model_type, **shape})
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    return unfuse_experts(_seeded_build(seed, lambda: causal_lm_class(config).from_config(config, dtype=dtype)))
 
 
 def tiny_qwen2(seed: int = 0, **overrides: Any) -> nn.Module:

@@ -332,6 +332,7 @@ class LearnedPermutations(nn.Module):
         self.spec = spec or get_spec(model)
         all_groups = self.spec.groups(model)
         self.binding = [g for g in all_groups if block is None or g.block == block]
+        self.block = block  # the one block learned here (block-local), or None: every block
         if not self.binding:
             raise ValueError(f"{type(model).__name__} has no binding group in block {block}")
         self.foldable = foldable
