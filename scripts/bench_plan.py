@@ -2,7 +2,7 @@
 
 Runs ``permsparse.plan`` for the config the overrides compose, then a short learned run of it
 (``learning.max_steps``, default 3; no baselines, nothing saved), and prints the planned per-device total beside the
-peak measured during the learning steps only (:class:`permsparse.utils.measure.StepMeter`: from the start of each
+peak measured during the learning steps only (:class:`permsparse.measure.StepMeter`: from the start of each
 step's cost refresh to the end of its optimiser step, the cold first step included; block-local, the largest block's):
 
 * on CUDA, ``torch.cuda.max_memory_allocated`` (what PyTorch's allocator handed out; the allocator's reserve and
@@ -10,7 +10,7 @@ step's cost refresh to the end of its optimiser step, the cold first step includ
 * on CPU, the tensors resident at the first step (weights, scores, masks, costs, workspaces) plus the growth of the
   process's peak RSS over its RSS then, the peak reset at that moment (``/proc/self/clear_refs``, after a garbage
   collection and ``malloc_trim``). It is noisier than CUDA's figure (other allocations of the process count, glibc
-  keeps partly used pages; :mod:`permsparse.utils.measure` lists the limits) and meant as a cross-check: use a GPU
+  keeps partly used pages; :mod:`permsparse.measure` lists the limits) and meant as a cross-check: use a GPU
   for the 15 % check.
 
 The issue's target is the planner within 15 % of the measured peak. Examples::
@@ -42,7 +42,7 @@ def main() -> int:
     from permsparse.config import accelerator_kind
     from permsparse.plan import compose_config, format_bytes, plan_run
     from permsparse.run import train
-    from permsparse.utils.measure import MEASURED_RUN, StepMeter
+    from permsparse.measure import MEASURED_RUN, StepMeter
 
     cfg = compose_config([*args.overrides, *MEASURED_RUN, f"learning.max_steps={args.steps}"])
     with open_dict(cfg):

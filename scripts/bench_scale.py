@@ -12,7 +12,7 @@ without a ``shape:`` block (``model=tiny_llama``) is built by its own loader wit
 For each learning mode (``learning.mode=e2e``, then ``block``) the script runs a short learned run of that model
 through the project's own flow (``permsparse.run.train``: ``--steps`` optimiser steps, per block in block mode; the
 ASCII tokenizer on ``dataset=tiny_text`` unless a ``dataset=`` is given; no baselines, nothing saved) and measures
-it with :class:`permsparse.utils.measure.StepMeter`:
+it with :class:`permsparse.measure.StepMeter`:
 
 * **seconds per step**: from the start of the cost refresh (Sinkhorn, Hungarian, masks) to the end of the optimiser
   step, the median over the steps after the first of the run (end to end) or of each block (block-local; the first
@@ -22,7 +22,7 @@ it with :class:`permsparse.utils.measure.StepMeter`:
   of the process's peak RSS, reset at that moment (``/proc/self/clear_refs``, after ``gc`` and ``malloc_trim``).
   The CPU figure is honest but noisy: whatever else the process allocates meanwhile counts, and memory an earlier
   step freed and a later one reuses does not show; ``tracemalloc`` would not see torch's tensors at all
-  (:mod:`permsparse.utils.measure`); a tiny model reads several times its plan, as a few MiB of library and
+  (:mod:`permsparse.measure`); a tiny model reads several times its plan, as a few MiB of library and
   allocator memory outweigh it (SmolLM2's shape read 1.00 to 1.08). Block-local, the largest block's peak.
 
 ``permsparse.plan`` plans the same configs at ``K`` blocks and at the full depth ``N`` (a meta-device model from the
@@ -71,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from permsparse.config import accelerator_kind
 from permsparse.plan import MODES, Plan, compose_config, format_bytes, format_flops, meta_model, plan_run
-from permsparse.utils.measure import MEASURED_RUN
+from permsparse.measure import MEASURED_RUN
 
 
 @dataclass
@@ -256,9 +256,9 @@ def fitting_blocks(need: Callable[[int], int], full: int, budget: int) -> int:
 
 def measure(cfg: DictConfig, cuda: bool) -> Measured:
     """A short learned run of ``cfg`` through :func:`permsparse.run.train`, timed and measured by
-    :class:`~permsparse.utils.measure.StepMeter`."""
+    :class:`~permsparse.measure.StepMeter`."""
     from permsparse.run import train
-    from permsparse.utils.measure import StepMeter, trim_heap
+    from permsparse.measure import StepMeter, trim_heap
 
     with open_dict(cfg):
         cfg.output_dir = tempfile.mkdtemp(prefix="bench_scale_")
