@@ -310,7 +310,7 @@ def test_a_learned_run_with_the_mask_gradient_lowers_its_loss(tmp_path):
 
     # from the identity start (what the test measured before RIA became the default start)
     results = train(compose_cfg([*TINY_LM, "perm.method.groups=2", "perm.method.mask_grad=true",
-                                 "perm.method.init=identity", "perm.method.init_scale=0.05",
+                                 "perm.method.init=identity", "perm.method.base=none", "perm.method.init_scale=0.05",
                                  "learning.train_samples=16", "learning.val_every_n_steps=2"], tmp_path))
     history = results["learning"]["history"]
     assert results["learning"]["best_val_loss"] < history[0]["val_loss"]
@@ -425,11 +425,45 @@ def nm_mask_t(score_t, n, m):
 def test_a_base_is_checked_against_the_settings_it_cannot_serve():
     from permsparse.errors import ConfigError
 
-    for kwargs, key in (({"base": "sorted"}, "base"), ({"base": "ria", "mode": "soft"}, "mode"),
-                        ({"base": "ria", "foldable": True}, "foldable"),
-                        ({"base": "ria", "init": {"g": torch.arange(4)}}, "init")):
+    for kwargs, key in (({"base": "sorted"}, "base"), ({"base": "ria", "init": {"g": torch.arange(4)}}, "init")):
         with pytest.raises(ConfigError, match=key):
             LearnedPermutation(**kwargs)
+
+
+def test_under_a_base_the_soft_mode_with_a_permutation_matrix_computes_the_hard_masked_weight():
+    from permsparse.permutation.base import global_to_block
+    from permsparse.permutation.hungarian import perm_to_matrix
+
+    model = tiny_llama(seed=0)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, base="ria"))
+    learned.attach()
+    with torch.no_grad():
+        for index, cost in enumerate(learned.costs.values()):
+            cost.raw.add_(2.0 * torch.randn(cost.raw.shape, generator=torch.Generator().manual_seed(index)))
+    learned.refresh(tau=0.5, hard=True)
+    hard = {name: model.get_submodule(name).weight.detach().clone() for s in learned._states.values()
+            for name in s.group.linears}
+    for state in learned._states.values():
+        p = perm_to_matrix(global_to_block(state.local, state.p.shape[0])).requires_grad_(True)
+        learned._set(state, p, state.local, soft=True)
+    ids = _data(2)
+    model(input_ids=ids).logits.sum().backward()
+    for name, weight in hard.items():
+        assert torch.allclose(model.get_submodule(name).weight, weight), name
+    assert all(state.p.grad is not None and state.p.grad.abs().sum() > 0 for state in learned._states.values())
+
+
+def test_with_foldable_a_base_leaves_the_head_restricted_groups_in_their_order_and_frames_the_others():
+    from permsparse.permutation.foldable import is_foldable, is_head_restricted
+
+    model = tiny_llama(seed=0)
+    method = LearnedPermutation(groups=2, base="ria", init="identity", foldable=True)
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=method)
+    perms = learned.hard_permutations()
+    kinds = {is_head_restricted(state.group): state.base is None for state in learned._states.values()}
+    assert kinds == {True: True, False: False}  # heads: no base; the rest: framed
+    assert all(is_foldable(state.group, perms[name])[0]
+               for name, state in learned._states.items() if is_head_restricted(state.group))
 
 
 def test_a_learned_run_on_a_base_validates_the_global_heuristic_first_and_never_ends_worse(tmp_path):

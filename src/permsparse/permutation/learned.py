@@ -128,7 +128,10 @@ class _MaskedWeight(nn.Module):
             return weight
         p = state.p.to(weight.dtype)
         if state.soft:
-            return permuted_masked_weight(weight, p, state.masks[self.linear_name])
+            if state.base is None:
+                return permuted_masked_weight(weight, p, state.masks[self.linear_name])
+            framed = permuted_masked_weight(weight.index_select(1, state.base), p, state.masks[self.linear_name])
+            return framed.index_select(1, torch.argsort(state.base))  # back to the original channel order
         out = hard_permuted_masked_weight(weight, p, state.local, mask_original=state.masks_t[self.linear_name].T,
                                           workspace=self.workspace, base=state.base)
         method = self._owner.method
@@ -163,8 +166,9 @@ class LearnedPermutation:
             the heuristic's permutation of the whole layer (what ``perm=ria|greedy`` finds) fixes the frame, the
             blocks are contiguous runs of its order, and the learned block-diagonal permutation is applied on top
             of it (the layer's permutation is ``base[local]``). With ``init=identity`` learning begins exactly where
-            the global heuristic ends, rather than at the heuristic run inside each block. Hard mode only; not
-            with ``foldable`` or a mapping ``init``.
+            the global heuristic ends, rather than at the heuristic run inside each block. Not with a mapping
+            ``init``. With ``foldable``, the groups restricted to heads (their blocks are the heads)
+            keep the original order; the base applies to every other group.
         init_scale: size of the ``-I`` (or ``-P_init``) initial cost before normalisation.
         noise: std of the initial Gaussian noise, relative to ``init_scale`` (breaks ties).
         normalize: standardise each ``g x g`` cost block before Sinkhorn.
@@ -243,15 +247,9 @@ class LearnedPermutation:
         for name in ("normalize", "foldable", "mask_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "it must be true or false")
-        if self.base != "none":
-            for name, value, why in (("mode", self.mode != "hard", "needs mode=hard"),
-                                     ("foldable", self.foldable, "cannot be combined with foldable=true (the base "
-                                      "permutation is not restricted to heads)"),
-                                     ("init", not isinstance(self.init, str), "takes init by name only (a mapping "
-                                      "of permutations is not expressed in the base's frame)")):
-                if value:
-                    raise ConfigError(f"{self.KEY}.base={self.base!r} {why}; got {self.KEY}.{name}="
-                                      f"{getattr(self, name)!r}")
+        if self.base != "none" and not isinstance(self.init, str):
+            raise ConfigError(f"{self.KEY}.base={self.base!r} takes init by name only (a mapping of permutations is "
+                              f"not expressed in the base's frame); use {self.KEY}.base=none with a mapping init")
 
     def blocks_for(self, d_in: int, m: int, name: str = "layer") -> int:
         """The number of blocks of a layer of ``d_in`` input channels under N:M with this ``m``; a
@@ -356,7 +354,7 @@ class LearnedPermutations(nn.Module):
             groups = method.groups if by_heads else method.blocks_for(d_in, self.pattern.m, group.name)
             stacked = torch.cat(list(scores.values()))
             base = None
-            if method.base != "none":  # the global heuristic fixes the frame the blocks live in
+            if method.base != "none" and not by_heads:  # the global heuristic fixes the frame the blocks live in
                 base = _heuristic(method.base, method.seed).find(stacked, self.pattern, group.name).long()
                 stacked = stacked[:, base]
             if init in ("ria", "greedy"):  # the heuristic inside each of the blocks, so the start is block-diagonal
@@ -524,7 +522,8 @@ class LearnedPermutations(nn.Module):
         if soft:
             state.masks_t.clear()
             for name, score_t in state.scores_t.items():
-                state.masks[name] = nm_mask(block_permute_scores(score_t.T, p.to(score_t.device)), self.pattern, name)
+                framed = state.frame(score_t).T
+                state.masks[name] = nm_mask(block_permute_scores(framed, p.to(score_t.device)), self.pattern, name)
         elif state.soft or state.perm is None or not state.masks_t:
             state.masks.clear()
             state.masks_t = {name: torch.empty(score_t.shape, dtype=state.dtypes[name], device=score_t.device)
