@@ -31,6 +31,21 @@ def test_ddp_two_processes_equals_one_process_with_the_same_global_batch(tmp_pat
     assert any(h["changed_channels"] > 0 for h in single["history"])
 
 
+def test_ddp_equals_one_process_under_the_default_base(tmp_path):
+    """The default frame (global RIA CP, gradients gathered into it) averages across ranks like the plain path:
+    two steps agree to float32 rounding (later steps reach a Hungarian near-tie, see the worker)."""
+    single = run_worker(WORKER, tmp_path, 1, 4, ("--base", "ria", "--max-steps", "2"))
+    ddp = run_worker(WORKER, tmp_path, 2, 2, ("--base", "ria", "--max-steps", "2"))
+    assert single["steps"] == ddp["steps"] == 2
+    for key, cost in single["costs"].items():
+        assert torch.allclose(cost, ddp["costs"][key], atol=5e-5), key
+    for name, perm in single["perms"].items():
+        assert torch.equal(perm, ddp["perms"][name]), name
+    start = run_worker(WORKER, tmp_path, 1, 4, ("--base", "ria", "--max-steps", "0"))
+    moved = max(float((cost - start["costs"][key]).abs().max()) for key, cost in single["costs"].items())
+    assert moved > 1e-2  # two steps at lr 50 moved the costs far beyond the tolerance
+
+
 def test_train_py_under_ddp_shards_calibration_and_reports_once(tmp_path):
     """``trainer=ddp`` through the real entry point: 2 gloo ranks each calibrate half of the data; the summed
     statistics give the same Wanda masks, so the dense and identity rows equal a single-process run's."""

@@ -44,7 +44,7 @@ def test_learning_lowers_the_loss_on_a_tiny_model():
     model = tiny_llama(seed=0)
     data = _data(8)
     module = CausalLMModule(model, optimizer=functools.partial(torch.optim.AdamW, lr=0.05), alpha=1e-5)
-    callback = PermutationLearning(LearnedPermutation(groups=2, init="identity", init_scale=0.05, tau_start=1.0, tau_end=0.1, warm_iters=None), MagnitudePruner(), "2:4")
+    callback = PermutationLearning(LearnedPermutation(groups=2, init="identity", base="none", init_scale=0.05, tau_start=1.0, tau_end=0.1, warm_iters=None), MagnitudePruner(), "2:4")
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     trainer = pl.Trainer(max_steps=30, callbacks=[callback], accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -95,7 +95,7 @@ def test_cost_gradients_equal_the_plain_straight_through_formula(grad_precision)
     def loss_of(logits):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
 
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, grad_precision=grad_precision, init_scale=1.0)).attach()
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, grad_precision=grad_precision, init_scale=1.0, base="none")).attach()
     assert learned.grad_dtype == getattr(torch, grad_precision)
     with torch.no_grad():  # away from the identity, so permutations and masks are not trivial
         for index, cost in enumerate(learned.costs.values()):
@@ -177,7 +177,7 @@ def test_a_heuristic_init_starts_at_the_heuristic_run_inside_each_block(init):
     from permsparse.prune import group_scores
 
     model = tiny_llama(seed=0)
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=init))
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=init, base="none"))
     start = learned.hard_permutations()
     heuristic = RIAChannelPermutation() if init == "ria" else GreedyChannelSwap(seed=0)
     moved = 0
@@ -422,12 +422,40 @@ def nm_mask_t(score_t, n, m):
     return nm_mask(score_t.T, f"{n}:{m}").T
 
 
-def test_a_base_is_checked_against_the_settings_it_cannot_serve():
+def test_an_unknown_base_is_a_config_error_naming_it():
     from permsparse.errors import ConfigError
 
-    for kwargs, key in (({"base": "sorted"}, "base"), ({"base": "ria", "init": {"g": torch.arange(4)}}, "init")):
-        with pytest.raises(ConfigError, match=key):
-            LearnedPermutation(**kwargs)
+    with pytest.raises(ConfigError, match="base"):
+        LearnedPermutation(base="sorted")
+
+
+def test_under_a_base_a_given_start_is_the_frame_and_learning_begins_exactly_at_it():
+    """A mapping init need not be block-diagonal under a base: each group's permutation becomes its frame (how the
+    end-to-end pass starts from block-local learning's result), the start is that permutation, and the first
+    steps move channels only within runs of its order."""
+    from permsparse.models import get_spec
+
+    model = tiny_llama(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    sizes = {g.name: model.get_submodule(g.linears[0]).in_features for g in get_spec(model).groups(model)}
+    init = {name: torch.randperm(d_in, generator=gen) for name, d_in in sizes.items()}
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=init))
+    start = learned.hard_permutations()
+    assert all(torch.equal(start[name], init[name]) for name in init)
+    learned.attach()
+    with torch.no_grad():
+        for index, cost in enumerate(learned.costs.values()):
+            cost.raw.add_(2.0 * torch.randn(cost.raw.shape, generator=torch.Generator().manual_seed(index)))
+    moved = learned.hard_permutations()
+    for name, perm in moved.items():
+        half = sizes[name] // 2
+        assert not torch.equal(perm, init[name]), name
+        # position i of the frame keeps a channel of the same block of the frame's order
+        assert set(perm[:half].tolist()) == set(init[name][:half].tolist()), name
+    learned.detach_model()
+    with pytest.raises(ValueError, match="not a permutation"):
+        bad = dict(init, **{next(iter(init)): torch.zeros(sizes[next(iter(init))], dtype=torch.long)})
+        LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=bad))
 
 
 def test_under_a_base_the_soft_mode_with_a_permutation_matrix_computes_the_hard_masked_weight():

@@ -169,7 +169,9 @@ def test_incremental_mask_update_equals_full_recompute():
     from permsparse.sparsity.pruners import MagnitudePruner
 
     model = tiny_llama(seed=0)
-    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, init_scale=1.0)).attach()
+    # no base: the block-diagonal permutations set below are in the original channel order
+    learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=4, init_scale=1.0,
+                                                                                              base="none")).attach()
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         perms = {}

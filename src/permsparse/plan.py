@@ -222,6 +222,7 @@ class GroupPlan:
     blocks: int
     tie: int
     linears: tuple[LinearPlan, ...]
+    framed: bool = False  # perm.method.base: the group's channels live in a heuristic's frame (an int64 d_in index)
 
     @property
     def g(self) -> int:
@@ -249,12 +250,14 @@ def _group_plans(model: nn.Module, groups: list[BindingGroup], method: LearnedPe
         weights = [model.get_submodule(name).weight for name in group.linears]
         d_in = int(weights[0].shape[1])
         blocks, tie = method.blocks_for(d_in, pattern.m, group.name), 1
-        if method.foldable and is_head_restricted(group):
+        by_heads = method.foldable and is_head_restricted(group)
+        if by_heads:
             _, num_heads, num_kv_heads = head_layout(group)
             blocks, tie = num_heads, num_heads // num_kv_heads
         linears = tuple(LinearPlan(name, int(w.shape[0]), int(w.shape[1]), w.element_size(), group.block, blocks)
                         for name, w in zip(group.linears, weights, strict=True))
-        out.append(GroupPlan(group.name, group.block, d_in, blocks, tie, linears))
+        out.append(GroupPlan(group.name, group.block, d_in, blocks, tie, linears,
+                             framed=method.base != "none" and not by_heads))
     return out
 
 
@@ -649,9 +652,11 @@ def plan_run(cfg: DictConfig) -> Plan:
                       f"(2 x sinkhorn_iters={iters} + 1) x costs kept for backward (first step; later "
                       f"{2 * (method.warm_iters or iters) + 1}x)"))
     local = sum(8 * lin.d_in for lin in dev_linears)  # the (G, g) int64 local permutation each linear saves
+    local += sum(8 * g.d_in for g in dev_groups if g.framed)  # a framed group's base permutation, one per group
     items.append(Item("masked weights kept for backward", bound_bytes * (2 if soft else 1) + local,
                       "estimate" if soft else "exact",
                       "weight dtype x bound weights (W * M per linear, saved by autograd) + 8 B x d_in local indices"
+                      " (+ 8 B x d_in per group for a perm.method.base frame)"
                       + ("; x2 in soft mode (W P and (W P) * M)" if soft else "")))
     if "mixed" in precision:
         lowp = 2 * (bound_numel + (0 if mode == "block" else _other_linear_numel(model, linears)))

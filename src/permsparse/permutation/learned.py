@@ -67,6 +67,14 @@ def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
 _GRAD_PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def _checked_permutation(perm: Tensor, d_in: int, name: str) -> Tensor:
+    """``perm`` as a long tensor, after checking that it is a permutation of ``d_in`` channels."""
+    perm = torch.as_tensor(perm).long().cpu()
+    if perm.shape != (d_in,) or not torch.equal(torch.sort(perm).values, torch.arange(d_in)):
+        raise ValueError(f"{name}: the init is not a permutation of its {d_in} input channels")
+    return perm
+
+
 def _heuristic(init: str, seed: int) -> PermutationMethod:
     """The heuristic that ``init=ria|greedy`` starts from (with the defaults of ``conf/perm/<init>.yaml``)."""
     return RIAChannelPermutation() if init == "ria" else GreedyChannelSwap(seed=seed)
@@ -166,9 +174,12 @@ class LearnedPermutation:
             the heuristic's permutation of the whole layer (what ``perm=ria|greedy`` finds) fixes the frame, the
             blocks are contiguous runs of its order, and the learned block-diagonal permutation is applied on top
             of it (the layer's permutation is ``base[local]``). With ``init=identity`` learning begins exactly where
-            the global heuristic ends, rather than at the heuristic run inside each block. Not with a mapping
-            ``init``. With ``foldable``, the groups restricted to heads (their blocks are the heads)
-            keep the original order; the base applies to every other group.
+            the global heuristic ends, rather than at the heuristic run inside each block. With a mapping ``init``
+            the given permutation of each group is its frame instead of the heuristic's (learning begins exactly
+            at it, in blocks that are runs of its order; block-local learning's permutations start the
+            end-to-end pass this way). With ``foldable``, the groups restricted to heads (their blocks are the
+            heads) keep the original order and, with ``init=identity``, start at the base heuristic run inside
+            their blocks (as ``init=ria|greedy`` would); the base applies to every other group.
         init_scale: size of the ``-I`` (or ``-P_init``) initial cost before normalisation.
         noise: std of the initial Gaussian noise, relative to ``init_scale`` (breaks ties).
         normalize: standardise each ``g x g`` cost block before Sinkhorn.
@@ -194,8 +205,8 @@ class LearnedPermutation:
 
     groups: int = 4
     block_size: int | None = None
-    init: str | Mapping[str, Tensor] = "ria"
-    base: str = "none"
+    init: str | Mapping[str, Tensor] = "identity"
+    base: str = "ria"
     init_scale: float = 0.25
     noise: float = 0.01
     normalize: bool = True
@@ -247,9 +258,6 @@ class LearnedPermutation:
         for name in ("normalize", "foldable", "mask_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "it must be true or false")
-        if self.base != "none" and not isinstance(self.init, str):
-            raise ConfigError(f"{self.KEY}.base={self.base!r} takes init by name only (a mapping of permutations is "
-                              f"not expressed in the base's frame); use {self.KEY}.base=none with a mapping init")
 
     def blocks_for(self, d_in: int, m: int, name: str = "layer") -> int:
         """The number of blocks of a layer of ``d_in`` input channels under N:M with this ``m``; a
@@ -355,13 +363,21 @@ class LearnedPermutations(nn.Module):
             stacked = torch.cat(list(scores.values()))
             base = None
             if method.base != "none" and not by_heads:  # the global heuristic fixes the frame the blocks live in
-                base = _heuristic(method.base, method.seed).find(stacked, self.pattern, group.name).long()
+                if isinstance(init, str):
+                    base = _heuristic(method.base, method.seed).find(stacked, self.pattern, group.name).long()
+                else:  # a given start is the frame itself: learning begins exactly at it
+                    base = _checked_permutation(init[group.name], d_in, group.name)
                 stacked = stacked[:, base]
-            if init in ("ria", "greedy"):  # the heuristic inside each of the blocks, so the start is block-diagonal
-                heuristic = _heuristic(init, method.seed)
+            start = init
+            if by_heads and method.base != "none" and init == "identity":
+                start = method.base  # no global frame for a head-restricted group: the base heuristic inside its blocks
+            if start in ("ria", "greedy"):  # the heuristic inside each of the blocks, so the start is block-diagonal
+                heuristic = _heuristic(start, method.seed)
                 group_init: str | Tensor = find_block_diagonal(heuristic, stacked, self.pattern, groups, group.name)
-            else:
-                group_init = init if isinstance(init, str) else init[group.name]
+            elif isinstance(init, str):
+                group_init = init
+            else:  # a given permutation: the start itself, or (under a base) the frame, which it then starts at
+                group_init = "identity" if base is not None else init[group.name]
             n_groups, tie = groups, 1
             if foldable and is_head_restricted(group):
                 head_dim, num_heads, num_kv_heads = head_layout(group)
