@@ -42,7 +42,8 @@ after ``max_rounds``. Unlike Apex there is no fallback to random search on wide
 layers and any N:M with N < M works (N == M prunes nothing: identity is returned).
 
 Cost: memory ``d_in^2`` float32 for the gain matrix (9.4 MB at d_in = 1536); time is dominated by
-the per-group gain rows, about ``rows * d_in`` elementwise work per changed group.
+the per-group gain rows, about ``rows * d_in`` elementwise work per changed group (on small layers,
+by the per-op overhead: there several groups share each op).
 """
 
 from __future__ import annotations
@@ -247,18 +248,22 @@ class _Search:
         self_term = (kept * xs).sum(-1)  # (c, M)
         # P row = sum_r S - sum_r min(S, v_N) + kept @ clamp(S, v_N+1, v_N) - self term, computed
         # against the channel-ordered scores in blocks of rows (a small scratch buffer), then put in
-        # position order.
-        out = self.colsum.expand(groups.numel(), m, D).clone()
-        rb = self.cfg.row_block
-        buf = torch.empty(min(rb, self.R), D)
-        for r0 in range(0, self.R, rb):
-            block = self.S[r0 : r0 + rb]
-            scratch = buf[: block.shape[0]]
-            for j in range(groups.numel()):
-                torch.minimum(block, v_n[j, r0 : r0 + rb, None], out=scratch)
-                out[j].sub_(scratch.sum(0))
-                scratch.clamp_(min=v_n1[j, r0 : r0 + rb, None])
-                out[j].addmm_(kept[j, :, r0 : r0 + rb], scratch)
+        # position order. Small layers take several groups per op (a scratch of at most 2**18 scores):
+        # their cost is the per-op overhead, not the arithmetic.
+        c = groups.numel()
+        out = self.colsum.expand(c, m, D).clone()
+        rows = min(self.cfg.row_block, self.R)
+        batch = min(c, max(1, (1 << 18) // (rows * D)))
+        buf = torch.empty(batch, rows, D)
+        for r0 in range(0, self.R, rows):
+            block = self.S[r0 : r0 + rows]
+            for j0 in range(0, c, batch):
+                js = slice(j0, j0 + batch)
+                scratch = buf[: min(batch, c - j0), : block.shape[0]]
+                torch.minimum(block, v_n[js, r0 : r0 + rows, None], out=scratch)
+                out[js].sub_(scratch.sum(1, keepdim=True))
+                scratch.clamp_(min=v_n1[js, r0 : r0 + rows, None])
+                out[js].baddbmm_(kept[js, :, r0 : r0 + rows], scratch)
         out -= self_term[..., None]
         self.P[pos] = out.reshape(-1, D)[:, self.perm]
         self._update_pairs(groups)
