@@ -29,14 +29,19 @@ def kept(scores: torch.Tensor, perm: torch.Tensor, pattern: NMPattern) -> float:
     ties=st.booleans(),
     seed=st.integers(0, 2**16),
     escapes=st.sampled_from([0, 5]),
+    perturb=st.sampled_from([(0, 0.0), (3, 0.0), (3, 0.5)]),
 )
-def test_bijection_and_never_below_identity(nm, rows, groups, ties, seed, escapes) -> None:
+def test_bijection_and_never_below_identity(nm, rows, groups, ties, seed, escapes, perturb) -> None:
     pattern = NMPattern(*nm)
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(rows, groups * pattern.m, generator=gen)
     if ties:  # dequantised checkpoints: many equal scores
         scores = (scores * 3).floor()
-    perm = GreedyChannelSwap(escape_attempts=escapes, seed=seed).find(scores, pattern, name="g")
+    rounds, slack = perturb  # a large slack: kicks wander far below the best, which must still be returned
+    method = GreedyChannelSwap(
+        escape_attempts=escapes, perturb_rounds_per_group=rounds, perturb_slack=slack, seed=seed
+    )
+    perm = method.find(scores, pattern, name="g")
     assert perm.dtype == torch.long and is_permutation(perm, scores.shape[1])
     assert kept(scores, perm, pattern) >= kept(scores, torch.arange(scores.shape[1]), pattern)
 
@@ -57,7 +62,7 @@ def test_finds_brute_force_optimum_d8(nm, seed) -> None:
     pattern = NMPattern(*nm)
     gen = torch.Generator().manual_seed(100 + seed)
     scores = torch.rand(6, 8, generator=gen) if seed % 2 else torch.randn(6, 8, generator=gen).abs()
-    perm = GreedyChannelSwap(escape_attempts=0).find(scores, pattern)
+    perm = GreedyChannelSwap(escape_attempts=0, perturb_rounds_per_group=0).find(scores, pattern)
     assert kept(scores, perm, pattern) == pytest.approx(brute_force_best(scores, pattern), rel=1e-12)
 
 
@@ -85,11 +90,14 @@ def test_swap_gains_match_brute_force(nm) -> None:
 
 @pytest.mark.parametrize("nm", [(2, 4), (2, 8)])
 def test_incremental_state_matches_fresh_computation(nm) -> None:
-    """After swaps, stripe moves, escapes and their undo, the incremental gains equal a fresh build."""
+    """After swaps, stripe moves, escapes, perturbations and their undo, the incremental gains equal a
+    fresh build."""
     pattern = NMPattern(*nm)
     scores = torch.rand(12, 8 * pattern.m, generator=torch.Generator().manual_seed(4))
-    search = _Search(scores, pattern, GreedyChannelSwap(escape_attempts=20, stripe_pairs=None), "g")
+    cfg = GreedyChannelSwap(escape_attempts=20, stripe_pairs=None, perturb_rounds_per_group=5)
+    search = _Search(scores, pattern, cfg, "g")
     search.run()
+    assert search.stats["perturb_rounds"] == 40  # 8 groups
     fresh = _Search(scores[:, search.perm], pattern, GreedyChannelSwap(), "g")
     assert torch.allclose(search.P, fresh.P, atol=1e-5)
     assert torch.allclose(search.kept_g, fresh.kept_g)
@@ -115,8 +123,8 @@ def test_efficacy_on_random_64x128() -> None:
 def test_deterministic_and_threads_restored() -> None:
     scores = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)).abs()
     threads = torch.get_num_threads()
-    a = GreedyChannelSwap(seed=7).find(scores, NMPattern(2, 4))
-    b = GreedyChannelSwap(seed=7).find(scores, NMPattern(2, 4))
+    a = GreedyChannelSwap(seed=7, perturb_rounds_per_group=4).find(scores, NMPattern(2, 4))
+    b = GreedyChannelSwap(seed=7, perturb_rounds_per_group=4).find(scores, NMPattern(2, 4))
     assert torch.equal(a, b)
     assert torch.get_num_threads() == threads
 
@@ -127,17 +135,22 @@ def test_phases_and_stats() -> None:
     identity = kept(scores, torch.arange(64), pattern)
     results = {}
     for label, kwargs in {
-        "swap": dict(escape_attempts=0, stripe_group=False),
-        "stripe": dict(escape_attempts=0, stripe_pairs=None),
-        "all": dict(stripe_pairs=None),
-        "one_pass": dict(max_passes=1, escape_attempts=0, stripe_group=False),
+        "swap": dict(escape_attempts=0, stripe_group=False, perturb_rounds_per_group=0),
+        "stripe": dict(escape_attempts=0, stripe_pairs=None, perturb_rounds_per_group=0),
+        "escape": dict(stripe_pairs=None, perturb_rounds_per_group=0),
+        "all": dict(stripe_pairs=None, perturb_rounds_per_group=3),
+        "one_pass": dict(max_passes=1, escape_attempts=0, stripe_group=False, perturb_rounds_per_group=0),
     }.items():
         method = GreedyChannelSwap(**kwargs)
         perm = method.find(scores, pattern)
         results[label] = kept(scores, perm, pattern)
         assert method.last_stats["kept"] == pytest.approx(results[label])
         assert method.last_stats["kept_identity"] == pytest.approx(identity)
-    assert identity < results["one_pass"] <= results["swap"] <= results["stripe"] <= results["all"]
+        assert method.last_stats["perturb_rounds"] == 16 * kwargs["perturb_rounds_per_group"]
+    # the perturbations start where the escapes end (same seed): they can only add
+    order = ["one_pass", "swap", "stripe", "escape", "all"]
+    assert identity < results["one_pass"]
+    assert all(results[a] <= results[b] for a, b in itertools.pairwise(order))
 
 
 def test_trivial_cases_return_identity() -> None:
