@@ -1,12 +1,13 @@
-"""CP: greedy channel swap with escapes and stripe-group search (Pool & Yu, NeurIPS 2021; NVIDIA Apex ASP).
+"""CP: greedy channel swap with escapes, stripe-group search and perturbations (Pool & Yu, NeurIPS 2021;
+NVIDIA Apex ASP).
 
 Objective: the total score kept by the N:M mask of the permuted scores ``S[:, perm]`` (docs/method.md §5).
-The search starts from identity and only ever applies improvements (escapes are undone unless they
-lead to a better optimum), so the result never keeps less than identity; ``find`` checks this again
-in float64 before returning.
+The search starts from identity, its greedy phases only ever apply improvements, and the escapes and
+perturbations end on the best permutation they have seen, so the result never keeps less than
+identity; ``find`` checks this again in float64 before returning.
 
 Order of the phases: swap convergence; stripe/swap alternation; escapes; stripe/swap alternation
-again if the escapes helped.
+again if the escapes helped; perturbations (iterated local search), on small layers.
 
 **Channel swap.** Swapping column ``a`` of group ``A`` with column ``b`` of group ``B`` changes only
 those two groups. For one row of ``A`` let ``v_1 >= ... >= v_M`` be its scores. Removing ``a`` and
@@ -41,8 +42,23 @@ disjoint improvements are applied and the swap phase resumes. Rounds stop when o
 after ``max_rounds``. Unlike Apex there is no fallback to random search on wide
 layers and any N:M with N < M works (N == M prunes nothing: identity is returned).
 
+**Perturbations.** Iterated local search, from the best permutation the escapes left: each round
+swaps ``perturb_swaps`` random channel pairs (each between two different groups), converges greedily
+again, and runs the stripe/swap alternation on a new best. The escapes stop finding anything once
+they have tried the few pairs of a small layer (120 at 64 channels, M = 4); these random kicks
+still do. A result that loses less than a threshold (``perturb_slack`` times the mean kept score per
+channel, decaying linearly to 0 over the rounds) becomes the point the next kick starts from
+(threshold accepting); anything else is undone, and the phase ends on the best permutation seen.
+There are ``min(perturb_rounds_per_group * G, perturb_work // (rows * d_in))`` rounds. Few groups
+need few rounds (on random scores 4 groups stop improving after about 50, 8 after about 200, while
+16 still gain at 400). The work budget bounds wide layers, since a round recomputes a few groups'
+gain rows of ``rows * d_in`` work each, and there the escapes, which pick their swaps among the
+least-losing ones, gain far more per second than random kicks. By default Apex's 128 x 64 test
+matrices get 400 rounds (about 1 s on one core), a 576 x 576 layer 12 and a 3072 x 576 one 2.
+
 Cost: memory ``d_in^2`` float32 for the gain matrix (9.4 MB at d_in = 1536); time is dominated by
-the per-group gain rows, about ``rows * d_in`` elementwise work per changed group.
+the per-group gain rows, about ``rows * d_in`` elementwise work per changed group (on small layers,
+by the per-op overhead: there several groups share each op).
 """
 
 from __future__ import annotations
@@ -53,7 +69,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -84,7 +100,8 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
 
 
 class GreedyChannelSwap(PermutationMethod):
-    """Greedy channel swap + escapes + stripe-group search on the N:M kept score (the "CP" baseline).
+    """Greedy channel swap + escapes + stripe-group search + perturbations on the N:M kept score (the "CP"
+    baseline).
 
     Args:
         max_passes: cap on the number of swap passes of each greedy convergence (``None``: until no
@@ -102,7 +119,19 @@ class GreedyChannelSwap(PermutationMethod):
             split). Splits moving one column are single swaps (left to the swap phase). The default 2
             is every split for M <= 5; at M = 8 it gives the 784 double swaps of the 6435 splits.
         max_rounds: cap on stripe/swap alternations.
-        seed: seed of the escape choices (the result is deterministic given the seed).
+        perturb_rounds_per_group: rounds of the perturbation phase (iterated local search after the
+            escapes) per group of M channels, so ``perturb_rounds_per_group * d_in / M`` at most; 0
+            disables the phase.
+        perturb_swaps: random cross-group channel swaps per perturbation (the kick's strength).
+        perturb_work: work budget of the perturbation phase: at most ``perturb_work // (rows *
+            d_in)`` rounds, so that small layers get many and wide ones (where the escapes gain more
+            per second) a few or none. The defaults give a 128 x 64 layer 400 rounds (2:4), 576 x
+            576 12 and 3072 x 576 2; ``None``: no work bound.
+        perturb_slack: threshold accepting: a perturbed optimum losing less than ``perturb_slack``
+            times the mean kept score per channel (decaying linearly to 0 over the rounds) becomes the
+            start of the next kick; 0: kicks always start from the best permutation. The phase returns
+            the best permutation seen either way.
+        seed: seed of the escape and perturbation choices (the result is deterministic given the seed).
         progress: log progress at INFO level.
         rel_tol: a gain counts only above ``rel_tol`` times the mean column sum of the scores
             (float32 gains must not chase rounding noise).
@@ -111,7 +140,8 @@ class GreedyChannelSwap(PermutationMethod):
             :func:`torch_threads`); ``None`` leaves torch's setting alone.
 
     After ``find``, ``last_stats`` holds counters (passes, swaps, escapes won, stripe pairs evaluated
-    and moves applied), the kept-score gain after each phase, and the identity / final kept scores.
+    and moves applied, perturbation rounds and new bests), the kept-score gain after each phase, and
+    the identity / final kept scores.
     """
 
     def __init__(
@@ -124,6 +154,10 @@ class GreedyChannelSwap(PermutationMethod):
         stripe_budget: int | None = 2304,
         stripe_max_moved: int | None = 2,
         max_rounds: int = 20,
+        perturb_rounds_per_group: int = 25,
+        perturb_swaps: int = 6,
+        perturb_work: int | None = 2**22,
+        perturb_slack: float = 0.03,
         seed: int = 0,
         progress: bool = False,
         rel_tol: float = 1e-6,
@@ -137,7 +171,16 @@ class GreedyChannelSwap(PermutationMethod):
                 f"need escape_attempts >= 0, escape_pool >= 1, max_rounds >= 0, row_block >= 1; got "
                 f"{escape_attempts}, {escape_pool}, {max_rounds}, {row_block}"
             )
-        for key, value in (("stripe_pairs", stripe_pairs), ("stripe_budget", stripe_budget)):
+        if perturb_rounds_per_group < 0 or perturb_swaps < 1 or not 0 <= perturb_slack < math.inf:
+            raise ValueError(
+                f"need perturb_rounds_per_group >= 0, perturb_swaps >= 1, finite perturb_slack >= 0; got "
+                f"{perturb_rounds_per_group}, {perturb_swaps}, {perturb_slack}"
+            )
+        for key, value in (
+            ("stripe_pairs", stripe_pairs),
+            ("stripe_budget", stripe_budget),
+            ("perturb_work", perturb_work),
+        ):
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1 or None, got {value}")
         if stripe_max_moved is not None and stripe_max_moved < 2:
@@ -152,6 +195,10 @@ class GreedyChannelSwap(PermutationMethod):
         self.stripe_budget = stripe_budget
         self.stripe_max_moved = stripe_max_moved
         self.max_rounds = max_rounds
+        self.perturb_rounds_per_group = perturb_rounds_per_group
+        self.perturb_swaps = perturb_swaps
+        self.perturb_work = perturb_work
+        self.perturb_slack = perturb_slack
         self.seed = seed
         self.progress = progress
         self.rel_tol = rel_tol
@@ -221,6 +268,8 @@ class _Search:
             "escapes_won": 0,
             "stripe_pairs": 0,
             "stripe_moves": 0,
+            "perturb_rounds": 0,
+            "perturb_won": 0,
         }
         all_groups = torch.arange(self.G)
         self._recompute(all_groups)
@@ -247,18 +296,22 @@ class _Search:
         self_term = (kept * xs).sum(-1)  # (c, M)
         # P row = sum_r S - sum_r min(S, v_N) + kept @ clamp(S, v_N+1, v_N) - self term, computed
         # against the channel-ordered scores in blocks of rows (a small scratch buffer), then put in
-        # position order.
-        out = self.colsum.expand(groups.numel(), m, D).clone()
-        rb = self.cfg.row_block
-        buf = torch.empty(min(rb, self.R), D)
-        for r0 in range(0, self.R, rb):
-            block = self.S[r0 : r0 + rb]
-            scratch = buf[: block.shape[0]]
-            for j in range(groups.numel()):
-                torch.minimum(block, v_n[j, r0 : r0 + rb, None], out=scratch)
-                out[j].sub_(scratch.sum(0))
-                scratch.clamp_(min=v_n1[j, r0 : r0 + rb, None])
-                out[j].addmm_(kept[j, :, r0 : r0 + rb], scratch)
+        # position order. Small layers take several groups per op (a scratch of at most 2**18 scores):
+        # their cost is the per-op overhead, not the arithmetic.
+        c = groups.numel()
+        out = self.colsum.expand(c, m, D).clone()
+        rows = min(self.cfg.row_block, self.R)
+        batch = min(c, max(1, (1 << 18) // (rows * D)))
+        buf = torch.empty(batch, rows, D)
+        for r0 in range(0, self.R, rows):
+            block = self.S[r0 : r0 + rows]
+            for j0 in range(0, c, batch):
+                js = slice(j0, j0 + batch)
+                scratch = buf[: min(batch, c - j0), : block.shape[0]]
+                torch.minimum(block, v_n[js, r0 : r0 + rows, None], out=scratch)
+                out[js].sub_(scratch.sum(1, keepdim=True))
+                scratch.clamp_(min=v_n1[js, r0 : r0 + rows, None])
+                out[js].baddbmm_(kept[js, :, r0 : r0 + rows], scratch)
         out -= self_term[..., None]
         self.P[pos] = out.reshape(-1, D)[:, self.perm]
         self._update_pairs(groups)
@@ -404,36 +457,93 @@ class _Search:
         self.stats["passes"] += passes
         return passes
 
+    def _kick_loop(
+        self, attempts: int, kick: Callable[[bool], bool], polish: bool, slack: float = 0.0
+    ) -> int:
+        """Shared loop of the escapes and the perturbations; returns how many attempts found a new best.
+
+        Each attempt: ``kick(won)`` (``won``: whether the previous attempt found a new best) moves away
+        from the current permutation, or returns False when it has nothing left to try, which ends the
+        loop; the swap phase converges again. A new best (after a stripe/swap alternation when
+        ``polish``) becomes the current permutation; so does a result losing less than ``slack``, which
+        decays linearly to 0 over the attempts (threshold accepting; 0: only improvements are kept).
+        Anything else returns to the current permutation from the undo log. The search ends on the best
+        permutation seen.
+        """
+        best_perm, best_total = self.perm.clone(), self.total()
+        current, current_total = best_perm, best_total
+        self._undo = {}
+        checked = self.checked.clone()  # stripe flags of the current state (valid again after a restore)
+        wins, won = 0, False
+        for attempt in range(attempts):
+            if not kick(won):
+                break
+            self.converge()
+            won = self.total() > best_total + self.tol
+            if won and polish:
+                self._stripe_phase()
+            threshold = slack * (1 - attempt / attempts)
+            if won or (threshold > 0 and self.total() > current_total - threshold):
+                if won:
+                    best_perm, best_total = self.perm.clone(), self.total()
+                    wins += 1
+                current, current_total = self.perm.clone(), self.total()
+                self._undo = {}
+                checked = self.checked.clone()
+            else:
+                self._restore(current)
+                self.checked.copy_(checked)
+        self._undo = None
+        self.move_to(best_perm)
+        return wins
+
     def escapes(self) -> None:
         """Forced small-loss swaps followed by greedy swaps; keep the best permutation seen."""
-        best_perm, best_total = self.perm.clone(), self.total()
         tried = torch.zeros(self.G, self.G, dtype=torch.bool)
         upper = torch.ones(self.G, self.G, dtype=torch.bool).triu(1)
-        self._undo = {}
-        checked = self.checked.clone()  # stripe flags of the best state (valid again after a restore)
-        for _ in range(self.cfg.escape_attempts):
+
+        def kick(won: bool) -> bool:
+            if won:  # a new best: every pair may be tried again
+                tried.zero_()
             candidates = self.pair_best.masked_fill(~upper | tried, -math.inf).flatten()
             pool = min(self.cfg.escape_pool, int(torch.isfinite(candidates).sum()))
             if pool == 0:
-                break
+                return False
             top = candidates.topk(pool).indices
             pick = int(top[torch.randint(pool, (1,), generator=self.gen)])
             g, h = divmod(pick, self.G)
             tried[g, h] = True
-            i, j = self._best_swaps(torch.tensor([g]), torch.tensor([h]))
-            self.apply_swaps(i, j)
-            self.converge()
-            total = self.total()
-            if total > best_total + self.tol:
-                best_perm, best_total = self.perm.clone(), total
-                tried.zero_()
-                self._undo = {}
-                checked = self.checked.clone()
-                self.stats["escapes_won"] += 1
-            else:
-                self._restore(best_perm)
-                self.checked.copy_(checked)
-        self._undo = None
+            self.apply_swaps(*self._best_swaps(torch.tensor([g]), torch.tensor([h])))
+            return True
+
+        self.stats["escapes_won"] += self._kick_loop(self.cfg.escape_attempts, kick, polish=False)
+
+    def perturb_round_count(self) -> int:
+        """Rounds of the perturbation phase: ``perturb_rounds_per_group * G``, at most ``perturb_work // (R*D)``."""
+        rounds = self.cfg.perturb_rounds_per_group * self.G
+        if self.cfg.perturb_work is not None:
+            rounds = min(rounds, self.cfg.perturb_work // (self.R * self.D))
+        return rounds
+
+    def perturbations(self) -> None:
+        """Iterated local search: ``perturb_swaps`` random swaps from the best permutation, converge,
+        polish a winner with the stripe/swap alternation; keep the best permutation seen."""
+        m, D, k = self.m, self.D, self.cfg.perturb_swaps
+
+        def kick(won: bool) -> bool:
+            i = torch.randint(D, (k,), generator=self.gen)
+            # uniform over the D - M positions outside i's group
+            j = (i // m * m + m + torch.randint(D - m, (k,), generator=self.gen)) % D
+            new_perm = self.perm.clone()
+            for a, b in zip(i.tolist(), j.tolist(), strict=True):  # in turn: a position may recur
+                new_perm[[a, b]] = new_perm[[b, a]]
+            self.move_to(new_perm)
+            return True
+
+        rounds = self.perturb_round_count()
+        slack = self.cfg.perturb_slack * self.total() / self.D  # in units of the mean kept score per channel
+        self.stats["perturb_rounds"] += rounds
+        self.stats["perturb_won"] += self._kick_loop(rounds, kick, polish=True, slack=slack)
 
     @functools.cached_property
     def _splits(self) -> tuple[Tensor, Tensor]:
@@ -540,7 +650,7 @@ class _Search:
         return now
 
     def run(self) -> Tensor:
-        """Swap phase, stripe/swap alternation, escapes, then stripe/swap again if escapes helped."""
+        """Swap phase, stripe/swap alternation, escapes (stripe/swap again if they helped), perturbations."""
         start_total, clock = self.total(), self.t0
         self.converge()
         clock = self._log("swap", start_total, clock)
@@ -551,7 +661,10 @@ class _Search:
             self.escapes()
             if self.total() > before:
                 self._stripe_phase()
-        self._log("escape", start_total, clock)
+        clock = self._log("escape", start_total, clock)
+        if self.perturb_round_count():
+            self.perturbations()
+        self._log("perturb", start_total, clock)
         return self.perm.clone()
 
 
