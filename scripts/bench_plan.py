@@ -40,9 +40,9 @@ def main() -> int:
     from omegaconf import open_dict
 
     from permsparse.config import accelerator_kind
+    from permsparse.measure import MEASURED_RUN, StepMeter
     from permsparse.plan import compose_config, format_bytes, plan_run
     from permsparse.run import train
-    from permsparse.measure import MEASURED_RUN, StepMeter
 
     cfg = compose_config([*args.overrides, *MEASURED_RUN, f"learning.max_steps={args.steps}"])
     with open_dict(cfg):

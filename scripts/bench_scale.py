@@ -70,8 +70,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from permsparse.config import accelerator_kind
-from permsparse.plan import MODES, Plan, compose_config, format_bytes, format_flops, meta_model, plan_run
 from permsparse.measure import MEASURED_RUN
+from permsparse.plan import MODES, Plan, compose_config, format_bytes, format_flops, meta_model, plan_run
 
 
 @dataclass
@@ -257,8 +257,8 @@ def fitting_blocks(need: Callable[[int], int], full: int, budget: int) -> int:
 def measure(cfg: DictConfig, cuda: bool) -> Measured:
     """A short learned run of ``cfg`` through :func:`permsparse.run.train`, timed and measured by
     :class:`~permsparse.measure.StepMeter`."""
-    from permsparse.run import train
     from permsparse.measure import StepMeter, trim_heap
+    from permsparse.run import train
 
     with open_dict(cfg):
         cfg.output_dir = tempfile.mkdtemp(prefix="bench_scale_")

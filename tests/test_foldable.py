@@ -34,7 +34,7 @@ from permsparse.sparsity.pruners import MagnitudePruner
 from permsparse.utils.io import read_json
 
 MODELS = {"llama": tiny_llama, "vit": tiny_vit}
-HEURISTICS = {"greedy": lambda: GreedyChannelSwap(escape_attempts=10), "ria": RIAChannelPermutation}
+HEURISTICS = {"greedy": lambda: GreedyChannelSwap(perturb_rounds_per_group=0, escape_attempts=10), "ria": RIAChannelPermutation}
 
 
 def v_rows_groups(model):

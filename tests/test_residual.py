@@ -122,7 +122,7 @@ def test_shared_residual_runs_the_heuristic_once_on_row_stacked_scores():
     pruner = MagnitudePruner()
     groups = residual_groups(model)
     scores = [group_scores(model, g, pruner, None) for g in groups]
-    perm = find_shared_residual(GreedyChannelSwap(escape_attempts=5), scores, "2:4")
+    perm = find_shared_residual(GreedyChannelSwap(perturb_rounds_per_group=0, escape_attempts=5), scores, "2:4")
     stacked = torch.cat(scores)
     kept = kept_scores(stacked, perm, "2:4")
     assert kept["method"] >= kept["identity"]  # never below the identity on the tied objective
@@ -131,7 +131,7 @@ def test_shared_residual_runs_the_heuristic_once_on_row_stacked_scores():
     assert total == pytest.approx(kept["method"], rel=1e-9)
 
 
-@pytest.mark.parametrize("method", [lambda: GreedyChannelSwap(escape_attempts=5), RIAChannelPermutation])
+@pytest.mark.parametrize("method", [lambda: GreedyChannelSwap(perturb_rounds_per_group=0, escape_attempts=5), RIAChannelPermutation])
 def test_prune_model_with_shared_residual_gives_every_residual_group_the_same_perm(method):
     model = tiny_llama()
     report = prune_model(model, MagnitudePruner(), "2:4", SharedResidual(method()), progress=False)
@@ -161,7 +161,7 @@ def test_shared_residual_if_validates_the_choice():
 
 def _shared_pruned(build, foldable: bool = True):
     model = build()
-    method = GreedyChannelSwap(escape_attempts=5)
+    method = GreedyChannelSwap(perturb_rounds_per_group=0, escape_attempts=5)
     method = SharedResidual(HeadRestricted(method) if foldable else method)
     report = prune_model(model, MagnitudePruner(), "2:4", method, progress=False)
     return model, report.perms
@@ -186,7 +186,7 @@ def test_shared_residual_exports_with_no_gathers_and_verifies(tmp_path, name):
 
 def test_per_layer_residual_perms_are_still_gathered(tmp_path):
     model = tiny_llama()
-    perms = prune_model(model, MagnitudePruner(), "2:4", HeadRestricted(GreedyChannelSwap(escape_attempts=5)),
+    perms = prune_model(model, MagnitudePruner(), "2:4", HeadRestricted(GreedyChannelSwap(perturb_rounds_per_group=0, escape_attempts=5)),
                         progress=False).perms
     plan = {f.name: f for f in plan_fold(model, perms)}
     modes = {plan[g.name].mode for g in residual_groups(model)}
