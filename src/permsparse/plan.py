@@ -653,10 +653,12 @@ def plan_run(cfg: DictConfig) -> Plan:
                       f"{2 * (method.warm_iters or iters) + 1}x)"))
     local = sum(8 * lin.d_in for lin in dev_linears)  # the (G, g) int64 local permutation each linear saves
     local += sum(8 * g.d_in for g in dev_groups if g.framed)  # a framed group's base permutation, one per group
+    if method.mask_grad:  # the soft top-N's backward keeps the group's whole permutation (shared by its linears)
+        local += sum(8 * g.d_in for g in dev_groups)
     items.append(Item("masked weights kept for backward", bound_bytes * (2 if soft else 1) + local,
                       "estimate" if soft else "exact",
                       "weight dtype x bound weights (W * M per linear, saved by autograd) + 8 B x d_in local indices"
-                      " (+ 8 B x d_in per group for a perm.method.base frame)"
+                      " (+ 8 B x d_in per group for a perm.method.base frame, and again with mask_grad)"
                       + ("; x2 in soft mode (W P and (W P) * M)" if soft else "")))
     if "mixed" in precision:
         lowp = 2 * (bound_numel + (0 if mode == "block" else _other_linear_numel(model, linears)))

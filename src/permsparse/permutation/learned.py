@@ -220,7 +220,7 @@ class LearnedPermutation:
     tau_schedule: str = "exponential"
     foldable: bool = False
     seed: int = 0
-    mask_grad: bool = False
+    mask_grad: bool = True
     mask_tau: float = 1.0
     kept_weight: float = 0.0
 
@@ -254,7 +254,8 @@ class LearnedPermutation:
             raise bad("mask_tau", "it must be > 0")
         if self.mask_grad is True and self.mode != "hard":
             raise ConfigError(f"{self.KEY}.mask_grad=true needs {self.KEY}.mode=hard (the soft mode's mask is "
-                              "recomputed from the Sinkhorn matrix and has no straight-through estimate here)")
+                              "recomputed from the Sinkhorn matrix and has no straight-through estimate here); "
+                              f"with {self.KEY}.mode=soft set {self.KEY}.mask_grad=false")
         for name in ("normalize", "foldable", "mask_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "it must be true or false")
