@@ -18,16 +18,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+def compose_cfg(overrides: list[str], output_dir: Path | None = None, shallow_greedy: bool = True) -> DictConfig:
     """Compose ``conf/train.yaml`` with overrides, as ``python train.py <overrides>`` would.
 
-    One difference: a ``perm=greedy`` config runs greedy CP without its perturbation phase
-    (``perm.method.perturb_rounds_per_group=0``) unless the overrides set that key. The tiny models' layers are
+    One difference, unless ``shallow_greedy=False``: a ``perm=greedy`` config runs greedy CP without its
+    perturbation phase (``perm.method.perturb_rounds_per_group=0``) unless the overrides set that key. The tiny models' layers are
     the size the phase spends most on (about 1 s each); the pipeline tests need a greedy permutation, not the
     deepest one, and ``tests/test_channel_swap.py`` tests the phase itself."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=output_dir is None)
-    if cfg.perm.name == "greedy" and not any(o.startswith("perm.method.perturb_rounds_per_group=") for o in overrides):
+    if shallow_greedy and cfg.perm.name == "greedy" and not any(o.startswith("perm.method.perturb_rounds_per_group=") for o in overrides):
         with open_dict(cfg):
             cfg.perm.method.perturb_rounds_per_group = 0
     if output_dir is not None:

@@ -135,7 +135,7 @@ def test_apex_seed1_efficacy_as_configured() -> None:
     Apex publishes 32.1 % (channel swap), 35.5 % (stripe-group search, window 8) and 36.6 % (window
     12, GPU) there. Without the perturbation phase (``perturb_rounds_per_group=0``) ours keeps 35.6 %,
     so this bound fails if the phase stops working."""
-    method = build_method(compose_cfg(["perm=greedy"]))
+    method = build_method(compose_cfg(["perm=greedy"], shallow_greedy=False))
     assert isinstance(method, GreedyChannelSwap)
     scores, pattern = apex_matrix(1), NMPattern(2, 4)
     perm = method.find(scores, pattern)
