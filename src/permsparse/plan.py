@@ -43,7 +43,7 @@ from permsparse.config import (
 from permsparse.errors import ConfigError
 from permsparse.models.binding import BindingGroup, get_spec
 from permsparse.permutation.apply import native_bf16_matmul
-from permsparse.permutation.foldable import head_layout, is_head_restricted
+from permsparse.permutation.foldable import head_layout
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.prune import check_model_divisible
 from permsparse.sparsity.calibration import block_hidden_state
@@ -250,14 +250,13 @@ def _group_plans(model: nn.Module, groups: list[BindingGroup], method: LearnedPe
         weights = [model.get_submodule(name).weight for name in group.linears]
         d_in = int(weights[0].shape[1])
         blocks, tie = method.blocks_for(d_in, pattern.m, group.name), 1
-        by_heads = method.foldable and is_head_restricted(group)
-        if by_heads:
+        if method.by_heads(group):
             _, num_heads, num_kv_heads = head_layout(group)
             blocks, tie = num_heads, num_heads // num_kv_heads
         linears = tuple(LinearPlan(name, int(w.shape[0]), int(w.shape[1]), w.element_size(), group.block, blocks)
                         for name, w in zip(group.linears, weights, strict=True))
         out.append(GroupPlan(group.name, group.block, d_in, blocks, tie, linears,
-                             framed=method.base != "none" and not by_heads))
+                             framed=method.framed(group)))
     return out
 
 

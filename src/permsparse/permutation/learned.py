@@ -35,6 +35,7 @@ from permsparse.permutation.base import (
     block_to_global,
     find_block_diagonal,
     global_to_block,
+    is_permutation,
 )
 from permsparse.permutation.channel_swap import GreedyChannelSwap
 from permsparse.permutation.cost import LearnableCost, solve_costs
@@ -65,14 +66,6 @@ def _foldable_init(group: BindingGroup, perm: Tensor) -> Tensor:
 
 
 _GRAD_PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _checked_permutation(perm: Tensor, d_in: int, name: str) -> Tensor:
-    """``perm`` as a long tensor, after checking that it is a permutation of ``d_in`` channels."""
-    perm = torch.as_tensor(perm).long().cpu()
-    if perm.shape != (d_in,) or not torch.equal(torch.sort(perm).values, torch.arange(d_in)):
-        raise ValueError(f"{name}: the init is not a permutation of its {d_in} input channels")
-    return perm
 
 
 def _heuristic(init: str, seed: int) -> PermutationMethod:
@@ -260,6 +253,14 @@ class LearnedPermutation:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "it must be true or false")
 
+    def by_heads(self, group: BindingGroup) -> bool:
+        """Whether ``group``'s blocks are its heads (``foldable`` and an attention-output group)."""
+        return self.foldable and is_head_restricted(group)
+
+    def framed(self, group: BindingGroup) -> bool:
+        """Whether ``group``'s channels live in a ``base`` frame (a base is set and the group is not head-restricted)."""
+        return self.base != "none" and not self.by_heads(group)
+
     def blocks_for(self, d_in: int, m: int, name: str = "layer") -> int:
         """The number of blocks of a layer of ``d_in`` input channels under N:M with this ``m``; a
         :class:`~permsparse.errors.ConfigError` naming the key if they do not divide it into whole M-groups."""
@@ -359,15 +360,17 @@ class LearnedPermutations(nn.Module):
                 check_nm_scores(scores[name], self.pattern, name)  # once: the mask updates skip nm_mask's check
                 dtypes[name] = weight.dtype
             d_in = next(iter(scores.values())).shape[1]
-            by_heads = foldable and is_head_restricted(group)
+            by_heads = method.by_heads(group)
             groups = method.groups if by_heads else method.blocks_for(d_in, self.pattern.m, group.name)
             stacked = torch.cat(list(scores.values()))
             base = None
-            if method.base != "none" and not by_heads:  # the global heuristic fixes the frame the blocks live in
+            if method.framed(group):  # the global heuristic fixes the frame the blocks live in
                 if isinstance(init, str):
                     base = _heuristic(method.base, method.seed).find(stacked, self.pattern, group.name).long()
                 else:  # a given start is the frame itself: learning begins exactly at it
-                    base = _checked_permutation(init[group.name], d_in, group.name)
+                    base = torch.as_tensor(init[group.name]).long().cpu()
+                    if not is_permutation(base, d_in):
+                        raise ValueError(f"{group.name}: the init is not a permutation of its {d_in} input channels")
                 stacked = stacked[:, base]
             start = init
             if by_heads and method.base != "none" and init == "identity":
@@ -380,7 +383,7 @@ class LearnedPermutations(nn.Module):
             else:  # a given permutation: the start itself, or (under a base) the frame, which it then starts at
                 group_init = "identity" if base is not None else init[group.name]
             n_groups, tie = groups, 1
-            if foldable and is_head_restricted(group):
+            if by_heads:
                 head_dim, num_heads, num_kv_heads = head_layout(group)
                 n_groups, tie = num_heads, num_heads // num_kv_heads
                 if not isinstance(group_init, str):
