@@ -205,10 +205,23 @@ def test_make_tables_writes_markdown_csv_and_the_three_plots(tmp_path):
     assert len(rows) == 4 * 6 * 2
     cp = next(r for r in rows if (r["row"], r["column"], r["metric"]) == ("ViT-B/16 2:4", "CP", "top1"))
     assert (float(cp["ours"]), float(cp["paper"]), int(cp["n"])) == (71.0, 66.2, 2)
+    assert cp["runs"] == "../sweep/0_greedy ../sweep/1_greedy"  # relative to the tables
     assert "ViT-B/16 2:4" in (tmp_path / "out" / "tables.md").read_text()
     forced = make_tables([sweep], tmp_path / "forced", keys=["table7_loss"])
     assert list(forced) == ["table7_loss"]  # written on request, though empty: no plots then
     assert sorted(p.name for p in forced["table7_loss"]) == ["table7_loss.csv", "table7_loss.md"]
+
+
+def test_a_rerun_in_another_sweep_folder_writes_the_same_table_files(tmp_path):
+    """Tables written inside each sweep name its runs relative to themselves: a rerun of the same runs in a folder
+    of another date gives byte-identical Markdown and CSV (how the offline miniatures are checked)."""
+    texts = []
+    for date in ("2026-01-01_00-00-00", "2026-02-02_00-00-00"):
+        sweep = _vit_sweep(tmp_path / date)
+        make_tables([sweep], sweep / "tables")
+        texts.append([(sweep / "tables" / name).read_bytes() for name in ("table1.md", "table1.csv", "tables.md")])
+    assert texts[0] == texts[1]
+    assert b"../0_greedy ../1_greedy" in texts[0][1]
 
 
 def test_the_metric_plot_spans_the_values_not_zero(tmp_path, monkeypatch):

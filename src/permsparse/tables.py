@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -424,8 +425,8 @@ def make_tables(paths: Iterable[str | Path], out_dir: str | Path, keys: Sequence
                 models: Mapping[str, str] | None = None) -> dict[str, list[Path]]:
     """Fill the paper's tables from the runs below ``paths`` and write, per table with any run (or per table named
     in ``keys``), ``<key>.md``, ``<key>.csv`` and the plots ``<key>_metrics.png``, ``<key>_curves.png`` (learned
-    runs) and ``<key>_efficacy.png`` (permuted runs) into ``out_dir``, plus ``tables.md`` with every table.
-    Returns the files written per table."""
+    runs) and ``<key>_efficacy.png`` (permuted runs) into ``out_dir``, plus ``tables.md`` with every table. The CSV
+    names run folders relative to ``out_dir``. Returns the files written per table."""
     runs = gather(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +437,9 @@ def make_tables(paths: Iterable[str | Path], out_dir: str | Path, keys: Sequence
     written: dict[str, list[Path]] = {}
     texts = []
     for table in chosen:
-        cells = fill(table, runs, models)
+        # run folders relative to the tables, so that a rerun in another sweep folder writes the same files
+        cells = [replace(c, runs=tuple(os.path.relpath(r, out.resolve()) for r in c.runs))
+                 for c in fill(table, runs, models)]
         if keys is None and not any(c.n for c in cells):
             continue
         text = markdown(table, cells)
