@@ -5,9 +5,11 @@ folder to the machine that runs the experiments::
 
     python scripts/lm_eval_data.py /data/lm_eval                         # the paper's seven tasks (MMLU: 57 subjects)
     python scripts/lm_eval_data.py /data/lm_eval --tasks arc_easy piqa   # any lm-eval tasks
+    python scripts/lm_eval_data.py /data/lm_eval --tasks mmmu_val        # Table 3 (Parquet: the images)
     python train.py eval/lm_eval=paper eval.lm_eval.data_dir=/data/lm_eval
 
-Each dataset lands in ``<folder>/<hub path>/<config>/<split>.jsonl`` (docs/protocols.md, zero-shot evaluation).
+Each dataset lands in ``<folder>/<hub path>/<config>/<split>.jsonl`` (``.parquet`` when it holds images; docs/protocols.md,
+zero-shot evaluation).
 """
 
 from __future__ import annotations

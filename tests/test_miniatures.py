@@ -40,7 +40,8 @@ EXPECTED = {
 
 def test_there_is_one_miniature_per_paper_table():
     assert sorted(EXPECTED) == MINI
-    assert sorted(t for t, *_ in EXPECTED.values()) == sorted(t.key for t in paper.TABLES)
+    # Table 3 has none: no vision-language model with trained weights is offline (the tiny one is random)
+    assert sorted(t for t, *_ in EXPECTED.values()) == sorted(t.key for t in paper.TABLES if t.key != "table3")
 
 
 def _record(cfg) -> RunRecord:

@@ -35,8 +35,17 @@ def _job_cfgs(experiment: str, tmp_path: Path) -> list[DictConfig]:
 
 
 def test_there_is_one_experiment_per_paper_table():
-    assert PAPER == ["paper_epochs", "paper_table1", "paper_table2", "paper_table5_groups", "paper_table6_pruners",
-                     "paper_table7_loss"]
+    assert PAPER == ["paper_epochs", "paper_table1", "paper_table2", "paper_table3", "paper_table5_groups",
+                     "paper_table6_pruners", "paper_table7_loss"]
+
+
+def test_table3_runs_the_vision_language_model_with_ria_and_learned_on_mmmu(tmp_path):
+    cfgs = _job_cfgs("paper_table3", tmp_path)
+    assert sorted((c.pruner.name, c.perm.name) for c in cfgs) == [("ria", "ria"), ("wanda", "learned")]
+    for c in cfgs:
+        assert (c.model.name, c.sparsity.name, list(c.model.targets)) == ("qwen2_5_vl_3b", "2:4", ["language"])
+        assert (list(c.eval.lm_eval.tasks), c.eval.lm_eval.apply_chat_template) == (["mmmu_val"], True)
+        assert (c.perm.optimizer.lr, c.learning.max_epochs, c.trainer.accelerator) == (1e-4, 20, "gpu")
 
 
 def test_table1_runs_both_vits_at_both_patterns_with_each_method_once(tmp_path):

@@ -131,7 +131,7 @@ def test_lm_eval_accuracy_equals_an_independent_scoring_of_every_choice(data_dir
     other = evaluate(tiny_llama(seed=4), tiny_tokenizer(), settings)
     assert other == pytest.approx(_expected(tiny_llama(seed=4), ROWS))
     assert describe(settings)["tasks"][TASK] == {"num_fewshot": 0, "subtasks": 1,
-                                                 "data": [f"local: {data_dir / HUB_ID}"]}
+                                                 "data": [f"local: {data_dir / HUB_ID}"], "images": False}
 
 
 def test_a_task_without_its_data_fails_before_the_model_loads(data_dir, tmp_path):

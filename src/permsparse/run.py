@@ -383,7 +383,7 @@ def _zeroshot(cfg: DictConfig, setup: _Setup, timer: _Timer, phase: str, metrics
     if settings.tasks:
         with timer(f"zeroshot_{phase}"):
             metrics.update(zeroshot.evaluate(setup.model, getattr(setup.datamodule, "tokenizer", None), settings,
-                                             seed=int(cfg.seed)))
+                                             seed=int(cfg.seed), processor=lambda: zeroshot.load_processor(cfg.model)))
 
 
 def _evaluate_baselines(cfg: DictConfig, setup: _Setup, stats: Mapping | None, timer: _Timer) -> dict:

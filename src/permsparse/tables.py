@@ -115,7 +115,8 @@ def metric_value(record: RunRecord, phase: str, metric: str) -> tuple[float, str
     """``(value, metric key)`` of a table metric in one phase of a run, or None when the run lacks it.
 
     ``identity`` of a ``perm=none`` run is its ``pruned`` phase (the same thing). ``ppl`` is the phase's first
-    perplexity; ``zeroshot`` the mean ``acc`` over the paper's seven tasks in percent (all seven needed)."""
+    perplexity; ``zeroshot`` the mean ``acc`` over the paper's seven tasks in percent (all seven needed); ``mmmu``
+    the ``mmmu_val`` accuracy in percent."""
     metrics = phase_metrics(record.metrics, record.perm, phase)
     if not metrics:
         return None
@@ -127,6 +128,9 @@ def metric_value(record: RunRecord, phase: str, metric: str) -> tuple[float, str
         if any(a is None for a in accs):
             return None
         return 100.0 * sum(float(a) for a in accs if a is not None) / len(accs), f"mean acc of {len(accs)} tasks"
+    if metric == "mmmu":
+        acc = metrics.get("mmmu_val/acc")
+        return None if acc is None else (100.0 * float(acc), "mmmu_val/acc")
     return (float(metrics[metric]), metric) if metric in metrics else None
 
 
@@ -222,7 +226,8 @@ def _cell_text(cell: Cell) -> str:
     return ours if cell.paper is None else f"{ours} / {_fmt(cell.paper)}"
 
 
-_METRIC_NAMES = {"top1": "top-1 (%)", "top5": "top-5 (%)", "ppl": "perplexity", "zeroshot": "mean accuracy (%)"}
+_METRIC_NAMES = {"top1": "top-1 (%)", "top5": "top-5 (%)", "ppl": "perplexity", "zeroshot": "mean accuracy (%)",
+                 "mmmu": "MMMU accuracy (%)"}
 
 
 def markdown(table: PaperTable, cells: Sequence[Cell], only_filled: bool = False) -> str:

@@ -26,15 +26,15 @@ import functools
 import importlib.metadata
 import logging
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from permsparse.errors import ConfigError
 
 __all__ = ["KEY", "METRICS", "PAPER_TASKS", "ZeroShotSettings", "DatasetSource", "harness_version", "check_tasks",
-           "evaluate", "describe", "local_dataset_files", "export_task_data"]
+           "needs_images", "load_processor", "evaluate", "describe", "local_dataset_files", "export_task_data"]
 
 log = logging.getLogger("permsparse")
 
@@ -63,6 +63,7 @@ class ZeroShotSettings:
     hub: bool = False
     limit: int | float | None = None
     batch_size: int = 4
+    apply_chat_template: bool = False
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> ZeroShotSettings:
@@ -91,9 +92,12 @@ class ZeroShotSettings:
         hub = node.get("hub", False)
         if not isinstance(hub, bool):
             raise ConfigError(f"{KEY}.hub={hub!r} is invalid: it must be true or false")
+        chat = node.get("apply_chat_template", False)
+        if not isinstance(chat, bool):
+            raise ConfigError(f"{KEY}.apply_chat_template={chat!r} is invalid: it must be true or false")
         data_dir = node.get("data_dir")
         return cls(tuple(tasks), {str(k): int(v) for k, v in shots.items()},
-                   Path(str(data_dir)).expanduser() if data_dir else None, hub, limit, batch_size)
+                   Path(str(data_dir)).expanduser() if data_dir else None, hub, limit, batch_size, chat)
 
     def fewshot(self, task: str) -> int:
         """The number of in-context examples of ``task`` (0: zero-shot, the default)."""
@@ -111,6 +115,7 @@ class DatasetSource:
     name: str | None
     kind: str
     where: str = ""
+    images: bool = False  # the task shows images (its config has doc_to_image): it needs a vision-language model
 
 
 def harness_version() -> str:
@@ -216,6 +221,11 @@ def _needed_splits(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def _source(task: str, cfg: Mapping[str, Any], data_dir: Path | None, hub: bool) -> DatasetSource:
+    source = _where(task, cfg, data_dir, hub)
+    return replace(source, images=True) if cfg.get("doc_to_image") is not None else source
+
+
+def _where(task: str, cfg: Mapping[str, Any], data_dir: Path | None, hub: bool) -> DatasetSource:
     path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
     if path is None or "class" in cfg or cfg.get("custom_dataset"):
         return DatasetSource(task, path, name, "unchecked")
@@ -341,11 +351,69 @@ def _task_metrics(task: str, row: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def evaluate(model: Any, tokenizer: Any, settings: ZeroShotSettings, seed: int = 0) -> dict[str, float]:
+def needs_images(settings: ZeroShotSettings) -> list[str]:
+    """The tasks of ``settings`` that show images (multimodal, e.g. ``mmmu_val``): they run through lm-eval's
+    ``hf-multimodal`` model on a vision-language model and its processor."""
+    return [task for task, sources in check_tasks(settings).items() if any(s.images for s in sources)]
+
+
+def load_processor(model_cfg: Mapping[str, Any]) -> Any:
+    """The multimodal processor (image processor + tokenizer) of a vision-language model config: its ``processor``
+    node instantiated (the tiny test model's), else ``AutoProcessor`` of its ``name_or_path``."""
+    if model_cfg.get("processor") is not None:
+        from hydra.utils import instantiate
+
+        return instantiate(model_cfg["processor"], _convert_="all")
+    source = model_cfg.get("name_or_path") or (model_cfg.get("load") or {}).get("name_or_path")
+    if not source:
+        raise ConfigError(f"{KEY}: a task shows images, but model={model_cfg.get('name')} names neither a processor "
+                          "nor a name_or_path to load one from; image tasks need a vision-language model")
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(source))
+    except OSError as e:
+        raise ConfigError(f"{KEY}: could not load the processor of {source!r} ({str(e).strip().splitlines()[0]}); "
+                          "image tasks need the model's processor files") from None
+    if getattr(processor, "image_processor", None) is None:
+        raise ConfigError(f"{KEY}: a task shows images, but {source!r} has no image processor (it is not a "
+                          "vision-language model); e.g. model=qwen2_5_vl_3b")
+    return processor
+
+
+@functools.cache
+def _vision_lm_class() -> type:
+    """lm-eval's ``HFMultimodalLM`` for a model object and a processor object already in memory.
+
+    lm-eval 0.4 loads the processor by name only (given an object it keeps none), so it is set here. For a model
+    whose config names the tokens that open and close an image (Qwen2-VL, Qwen2.5-VL), each ``<image>`` of a
+    prompt becomes ``start, image token, end``, the form the model was trained on, also without a chat template.
+    """
+    from lm_eval.models.hf_vlms import HFMultimodalLM
+
+    class InMemoryVisionLM(HFMultimodalLM):
+        def __init__(self, pretrained: Any, processor: Any, batch_size: int) -> None:
+            self._given = processor
+            config = pretrained.config
+            ids = [getattr(config, k, None) for k in ("vision_start_token_id", "image_token_id", "vision_end_token_id")]
+            image_string = processor.tokenizer.decode(ids) if None not in ids else None
+            super().__init__(pretrained, tokenizer=processor, batch_size=batch_size, image_string=image_string)
+
+        def _create_tokenizer(self, pretrained: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> None:
+            self.processor = self._given
+            self.tokenizer = self._given.tokenizer
+
+    return InMemoryVisionLM
+
+
+def evaluate(model: Any, tokenizer: Any, settings: ZeroShotSettings, seed: int = 0,
+             processor: Callable[[], Any] | None = None) -> dict[str, float]:
     """``{"<task>/acc": ..., "<task>/acc_stderr": ..., "<task>/acc_norm": ..., ...}`` of the model as it is now.
 
     ``seed`` seeds the choice of few-shot examples (the same for every phase of a run). The global random
-    generators are left alone, so a run with zero-shot evaluation prunes exactly as one without.
+    generators are left alone, so a run with zero-shot evaluation prunes exactly as one without. ``processor``:
+    a function that returns the model's multimodal processor, called only when a task shows images (such tasks
+    run through :func:`_vision_lm_class`, text tasks through ``HFLM``).
     """
     if not settings.tasks:
         return {}
@@ -353,16 +421,31 @@ def evaluate(model: Any, tokenizer: Any, settings: ZeroShotSettings, seed: int =
     from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=_hf_tokenizer(tokenizer), batch_size=settings.batch_size)
+    lms: dict[bool, Any] = {}
+
+    def lm_for(images: bool) -> Any:
+        if images not in lms:
+            if not images:
+                lms[images] = HFLM(pretrained=model, tokenizer=_hf_tokenizer(tokenizer),
+                                   batch_size=settings.batch_size)
+            elif processor is None:
+                raise ConfigError(f"{KEY}: a task shows images, and this model has no multimodal processor")
+            else:
+                lms[images] = _vision_lm_class()(model, processor(), settings.batch_size)
+        return lms[images]
+
     manager = _manager(settings)
     out: dict[str, float] = {}
     with _local_datasets(settings.data_dir):
         for task in settings.tasks:
             loaded = manager.load([task])
-            for leaf in loaded["tasks"].values():
+            leaves = list(loaded["tasks"].values())
+            for leaf in leaves:
                 leaf.set_config(key="num_fewshot", value=settings.fewshot(task))
                 leaf.set_fewshot_seed(seed=seed)
-            results = lm_evaluate(lm=lm, task_dict=loaded, limit=settings.limit, log_samples=False)
+            images = any(getattr(leaf, "MULTIMODAL", False) for leaf in leaves)
+            results = lm_evaluate(lm=lm_for(images), task_dict=loaded, limit=settings.limit, log_samples=False,
+                                  apply_chat_template=settings.apply_chat_template)
             out.update(_task_metrics(task, (results or {}).get("results", {}).get(task)))
     return out
 
@@ -376,14 +459,30 @@ def describe(settings: ZeroShotSettings) -> dict[str, Any]:
     tasks = {}
     for task in settings.tasks:
         data = sorted({f"{s.kind}: {s.where}" if s.where else s.kind for s in sources[task]})
-        tasks[task] = {"num_fewshot": settings.fewshot(task), "subtasks": len(sources[task]), "data": data}
+        tasks[task] = {"num_fewshot": settings.fewshot(task), "subtasks": len(sources[task]), "data": data,
+                       "images": any(s.images for s in sources[task])}
     return {"harness": f"lm-eval {harness_version()}", "limit": settings.limit, "batch_size": settings.batch_size,
-            "data_dir": str(settings.data_dir) if settings.data_dir else None, "hub": settings.hub, "tasks": tasks}
+            "data_dir": str(settings.data_dir) if settings.data_dir else None, "hub": settings.hub,
+            "apply_chat_template": settings.apply_chat_template, "tasks": tasks}
+
+
+def _has_images(features: Any) -> bool:
+    """Whether a ``datasets`` feature (or a dict / list of them) holds an ``Image``."""
+    import datasets
+
+    if isinstance(features, datasets.Image):
+        return True
+    if isinstance(features, Mapping):
+        return any(_has_images(f) for f in features.values())
+    if isinstance(features, (list, tuple)):
+        return any(_has_images(f) for f in features)
+    inner = getattr(features, "feature", None)  # datasets.Sequence / List
+    return inner is not None and _has_images(inner)
 
 
 def export_task_data(tasks: list[str] | tuple[str, ...], data_dir: str | Path, include: str | Path | None = None) -> list[Path]:
-    """Write every hub dataset that ``tasks`` read as ``<data_dir>/<path>/<name>/<split>.jsonl``, the layout
-    ``eval.lm_eval.data_dir`` reads; run it once where the hub is reachable (``scripts/lm_eval_data.py``).
+    """Write every hub dataset that ``tasks`` read as ``<data_dir>/<path>/<name>/<split>.jsonl`` (``.parquet`` for
+    a dataset with images, e.g. MMMU), the layout ``eval.lm_eval.data_dir`` reads; run it once where the hub is reachable (``scripts/lm_eval_data.py``).
     ``include``: a folder of extra task YAMLs. Folders that already hold data are kept; returns those written."""
     _require_harness()
     import datasets
@@ -401,6 +500,9 @@ def export_task_data(tasks: list[str] | tuple[str, ...], data_dir: str | Path, i
             splits = datasets.load_dataset(source.path, source.name)
             folder.mkdir(parents=True, exist_ok=True)
             for split, part in splits.items():
-                part.to_json(str(folder / f"{split}.jsonl"), lines=True, force_ascii=False)
+                if _has_images(part.features):  # JSON cannot hold them; Parquet keeps the image feature
+                    part.to_parquet(str(folder / f"{split}.parquet"))
+                else:
+                    part.to_json(str(folder / f"{split}.jsonl"), lines=True, force_ascii=False)
             written.append(folder)
     return written

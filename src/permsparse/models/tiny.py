@@ -87,16 +87,21 @@ def tiny_tokenizer() -> CharTokenizer:
     return CharTokenizer()
 
 
-def tiny_hf_tokenizer() -> Any:
+def tiny_hf_tokenizer(specials: dict[str, int] | None = None) -> Any:
     """The same ASCII character tokenizer as a Hugging Face fast tokenizer (``save_pretrained`` / ``AutoTokenizer``
-    round trip), built offline: saved beside a tiny model it makes a local folder that ``model=hf_causal_lm`` loads."""
+    round trip), built offline: saved beside a tiny model it makes a local folder that ``model=hf_causal_lm`` loads.
+    ``specials``: special tokens (``{text: id}``) that take the place of the characters with those ids; the
+    tokenizer then also has a pad (``\\x00``) and an end-of-text (``\\x02``) token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(128)}, unk_token="?"))
+    specials = dict(specials or {})
+    vocab = {chr(i): i for i in range(128) if i not in specials.values()} | specials
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character a token
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?")
+    extra = dict(pad_token="\x00", eos_token="\x02", additional_special_tokens=list(specials)) if specials else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?", **extra)
 
 
 def _seeded_build(seed: int, build: Any) -> Any:
@@ -225,6 +230,25 @@ def tiny_qwen2_5_vl(seed: int = 0, targets: Any = ("language",), **overrides: An
             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides}
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **TINY_QWEN2_5_VL_TOKENS)
     return set_targets(_seeded_build(seed, lambda: Qwen2_5_VLForConditionalGeneration(cfg)), targets)
+
+
+def tiny_qwen2_5_vl_processor() -> Any:
+    """The tiny Qwen2.5-VL's ``Qwen2_5_VLProcessor``, built offline: the character tokenizer of
+    :func:`tiny_hf_tokenizer` with the four vision tokens at the ids of :data:`TINY_QWEN2_5_VL_TOKENS` (in place of
+    the characters 124-127), and image / video processors for the tower's 2-pixel patches merged 2 x 2 (images
+    resized to 8 x 8 ... 16 x 16 pixels: 4 to 16 image tokens each)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    ids = TINY_QWEN2_5_VL_TOKENS
+    tokenizer = tiny_hf_tokenizer({"<|vision_start|>": ids["vision_start_token_id"],
+                                   "<|vision_end|>": ids["vision_end_token_id"],
+                                   "<|video_pad|>": ids["video_token_id"], "<|image_pad|>": ids["image_token_id"]})
+    vision = TINY_QWEN2_5_VL_VISION
+    shape = dict(patch_size=vision["patch_size"], temporal_patch_size=vision["temporal_patch_size"],
+                 merge_size=vision["spatial_merge_size"])
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=8 * 8, max_pixels=16 * 16, **shape),
+                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(**shape))
 
 
 def tiny_vit(seed: int = 0, **overrides: Any) -> nn.Module:
