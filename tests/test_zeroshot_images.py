@@ -127,3 +127,25 @@ def test_a_vision_language_run_records_the_image_task_in_every_phase(answered, t
     for phase in ("identity", "pruned"):
         assert 0.0 <= written["metrics"][phase][f"{TASK}/acc"] <= 1.0
     assert written["protocol"]["lm_eval"]["tasks"][TASK]["images"] is True
+
+
+def test_export_writes_a_dataset_with_images_as_parquet_that_data_dir_reads_back(answered, tmp_path, monkeypatch):
+    import datasets
+
+    from permsparse.zeroshot import export_task_data, local_dataset_files
+
+    data_dir, _ = answered
+    original = datasets.load_dataset
+    hub = original("parquet", data_files={"test": str(data_dir / HUB_ID / "test.parquet")})
+
+    def fake_hub(path, name=None, *args, **kwargs):  # stands in for the hub: the only network call of the export
+        assert (path, name) == (HUB_ID, None)
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    assert export_task_data([TASK], tmp_path / "out", include=data_dir / "tasks") == [tmp_path / "out" / HUB_ID]
+    assert sorted(p.name for p in (tmp_path / "out" / HUB_ID).iterdir()) == ["test.parquet"]  # not JSON
+    builder, files = local_dataset_files(tmp_path / "out", HUB_ID, None)
+    back = original(builder, data_files=files)["test"]
+    assert isinstance(back.features["image"], datasets.Image)
+    assert back[3]["image"].size == hub["test"][3]["image"].size and back["answer"] == hub["test"]["answer"]
