@@ -5,6 +5,7 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 
 from permsparse.lit import CausalLMModule, PermutationLearning
 from permsparse.models.tiny import tiny_llama
@@ -240,6 +241,43 @@ def _kept_after_steps(kept_weight: float, steps: int = 8) -> float:
         opt.step()
     learned.set_permutations(learned.hard_permutations())
     return float(sum(learned._kept(state, exact=True) for state in learned._states.values()))
+
+
+@pytest.mark.parametrize("base", ["none", "ria"])
+def test_with_the_mask_gradient_the_kept_score_term_is_differentiated_through_the_soft_top_n_too(base):
+    """mask_grad: the term's gradient to P equals autograd of K = sum (S P) * (M_hard + M_soft - M_soft.detach()),
+    M_soft = N softmax(S P / t) per M-group, written out densely; the value stays the hard kept score. Without
+    mask_grad it is the constant-mask gradient, which differs."""
+    from permsparse.sparsity.nm import nm_mask
+
+    def term(mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, object, object]:
+        model = tiny_llama(seed=0)
+        learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(
+            groups=2, init_scale=1.0, kept_weight=1.0, mask_grad=mask_grad, base=base)).attach()
+        learned.refresh(tau=0.5, hard=True)
+        state = next(iter(learned._states.values()))
+        state.p.retain_grad()
+        value = learned._kept(state)
+        value.backward()
+        return value.detach(), state.p.grad, state.p.detach(), state, learned
+
+    value, grad, p, state, learned = term(mask_grad=True)
+    pd = torch.block_diag(*p).requires_grad_(True)
+    expected = torch.zeros(())
+    for name, score_t in state.scores_t.items():
+        frame = score_t.T if state.base is None else score_t.T[:, state.base]  # (d_out, d_in) in the frame's order
+        sp = frame @ pd
+        t = learned.method.mask_tau * state.mean_score[name]
+        hard = nm_mask(sp.detach(), "2:4").to(sp.dtype)
+        soft = 2 * (sp.reshape(sp.shape[0], -1, 4) / t).softmax(-1).reshape(sp.shape)
+        expected = expected + (sp * (hard + soft - soft.detach())).sum()
+    expected.backward()
+    g = p.shape[1]
+    blocks = torch.stack([pd.grad[b * g:(b + 1) * g, b * g:(b + 1) * g] for b in range(p.shape[0])])
+    assert torch.allclose(value, expected.detach(), rtol=1e-5)  # the hard kept score
+    assert torch.allclose(grad, blocks, rtol=1e-4, atol=1e-4 * blocks.abs().max()), (grad - blocks).abs().max()
+    constant = term(mask_grad=False)[1]
+    assert not torch.allclose(grad, constant, atol=1e-3 * blocks.abs().max())  # the mask path adds a gradient
 
 
 def test_a_heavy_kept_score_term_keeps_more_score_than_none():

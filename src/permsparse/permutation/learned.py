@@ -192,8 +192,9 @@ class LearnedPermutation:
         mask_tau: the soft top-N's temperature ``t``, in units of each layer's mean score.
         kept_weight: weight of the kept-score term :meth:`LearnedPermutations.regularizer` adds to the loss:
             ``kept_weight * (1 - mean over groups of kept(P) / kept(start))``, with ``kept(P)`` the pruner's score
-            that the current masks keep, differentiable through ``P``. It pulls the permutation towards keeping
-            the saliency a heuristic keeps. 0 (default): no term.
+            that the current masks keep, differentiable through ``P`` (with ``mask_grad``, also through the soft
+            top-N of the mask selection; :meth:`LearnedPermutations._kept`). It pulls the permutation towards
+            keeping the saliency a heuristic keeps. 0 (default): no term.
     """
 
     groups: int = 4
@@ -443,8 +444,16 @@ class LearnedPermutations(nn.Module):
 
     def _kept(self, state: _GroupState, exact: bool = False) -> Tensor:
         """Score kept by ``state``'s current masks: ``sum <S P, M>`` over the group's linears (``M`` in permuted
-        order, a constant), differentiable through ``P``; ``exact`` uses the hard permutation instead of ``P``."""
+        order), differentiable through ``P``; ``exact`` uses the hard permutation instead of ``P``.
+
+        With the constant mask, ``M`` is a constant and the gradient to ``P`` is ``S^T M`` per block. That
+        gradient favours the arrangement the mask already has, so the term pins the permutation rather than
+        raising the kept score. With ``mask_grad`` the mask is the straight-through soft top-N of the forward
+        pass (:func:`~permsparse.permutation.apply.soft_mask_gradient`), and the gradient gains the mask's own
+        path, ``S^T dK/d(S P)`` through the soft top-N with ``dK/dM = S P``: how re-selecting the kept entries
+        would change the kept score. The value stays the hard kept score."""
         total = torch.zeros((), device=state.p.device)
+        pattern, through_mask = self.pattern, self.method.mask_grad and not state.soft
         for name, score_t in state.scores_t.items():
             if state.soft:
                 mask_perm_t = state.masks[name].T.to(score_t.dtype)  # (d_in, d_out), permuted order
@@ -458,7 +467,18 @@ class LearnedPermutations(nn.Module):
             m_b = mask_perm_t.reshape(blocks, g, -1)
             with torch.no_grad():  # C[b, i, j] = sum_r S[r, b g + i] M[r, b g + j]: the gradient of <S P, M> to P
                 c = torch.bmm(s_b, m_b.transpose(1, 2))
-            total = total + (state.p.to(c.dtype) * c).sum()
+            p = state.p.to(c.dtype)
+            total = total + (p * c).sum()
+            if through_mask:
+                with torch.no_grad():
+                    t = self.method.mask_tau * state.mean_score[name]
+                    sp = score_t.index_select(0, state.perm.to(score_t.device)).float()
+                    u = (sp / t).reshape(-1, pattern.m, sp.shape[1]).softmax(dim=1)  # soft top-N / N per M-group
+                    sg = sp.reshape(-1, pattern.m, sp.shape[1])
+                    du = (pattern.n / t) * u * (sg - (sg * u).sum(dim=1, keepdim=True))  # dK/d(S P) via M_soft
+                    c_mask = torch.bmm(s_b.float(), du.reshape(blocks, g, -1).transpose(1, 2)).to(c.dtype)
+                extra = (p * c_mask).sum()
+                total = total + extra - extra.detach()  # the gradient only: the value is the hard kept score
         return total
 
     def regularizer(self) -> Tensor | None:
