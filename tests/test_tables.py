@@ -117,6 +117,8 @@ def _vit_sweep(root: Path) -> Path:
            perm_cfg={"method.groups": 8}, **base)
     _write(root, "8_learned_ce", "vit_b", "wanda", "learned", 0, identity={"top1": 60.0}, pruned={"top1": 3.0},
            perm_cfg={"alpha": 0.0}, **base)
+    _write(root, "9_learned_package_default", "vit_b", "wanda", "learned", 0, identity={"top1": 60.0},  # not the paper's
+           pruned={"top1": 4.0}, perm_cfg={"method.base": "ria", "method.mask_grad": True}, **base)
     return root
 
 
@@ -133,7 +135,8 @@ def test_our_runs_land_in_their_cells_with_mean_and_error_over_seeds(tmp_path):
     assert cells[("ViT-B/16 2:4", "CP (RIA's permutation)", "top1")].mean == 69.0
     assert cells[("ViT-B/16 2:4", "RIA", "top1")].mean == 75.0
     learned = cells[("ViT-B/16 2:4", "learned", "top1")]
-    assert (learned.mean, learned.n) == (77.0, 1)  # not G = 8 (2.0), not CE only (3.0)
+    assert (learned.mean, learned.n) == (77.0, 1)  # not G = 8 (2.0), not CE only (3.0), not perm=learned (4.0)
+    assert learned.warning is None  # no second run of its seed matched
     assert learned.runs == (str((tmp_path / "sweep" / "4_learned").resolve()),)
     assert cells[("ViT-B/16 4:8", "learned", "top1")].mean == 71.0
     assert cells[("ViT-B/16 4:8", "Wanda", "top1")].mean == 66.0

@@ -32,6 +32,7 @@ ZEROSHOT_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa
 MISSING_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "perm.foldable": False, "perm.residual": "per_layer", "perm.method.groups": 4, "perm.method.init": "identity",
     "perm.task_weight": 1.0, "perm.alpha": 1.0e-5, "perm.distill": "block_smooth_l1", "perm.method.kept_weight": 0.0,
+    "perm.method.base": "none", "perm.method.mask_grad": False,
 })
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -72,12 +73,13 @@ class PaperTable:
 
 
 # The paper's settings of a permutation run: per-layer residual permutations, no foldable restriction; the learned
-# method with G = 4, identity start, the paper's loss (task cross-entropy and block SmoothL1 at alpha 1e-5) and no
-# kept-score term. Pinned so that an ablation run (another G, another loss) never lands in a main table's cell.
+# method with G = 4, identity start, no heuristic frame, the constant mask (perm=learned_paper), the paper's loss
+# (task cross-entropy and block SmoothL1 at alpha 1e-5) and no kept-score term. Pinned so that an ablation run (another G, another loss) never lands in a main table's cell.
 _HEURISTIC = {"perm.foldable": False, "perm.residual": "per_layer"}
 _LEARNED = {"pruner": "wanda", "perm": "learned", **_HEURISTIC, "perm.method.groups": 4,
-            "perm.method.init": "identity", "perm.task_weight": 1.0, "perm.alpha": 1.0e-5,
-            "perm.distill": "block_smooth_l1", "perm.method.kept_weight": 0.0}
+            "perm.method.init": "identity", "perm.method.base": "none", "perm.method.mask_grad": False,
+            "perm.task_weight": 1.0, "perm.alpha": 1.0e-5, "perm.distill": "block_smooth_l1",
+            "perm.method.kept_weight": 0.0}
 
 
 def _learned(**pins: Any) -> dict[str, Any]:
