@@ -194,6 +194,8 @@ def test_a_stand_in_model_fills_a_paper_row_and_says_so(tmp_path):
     assert (cp.mean, cp.metric_key, cp.stand_in, cp.paper) == (115.0, "ppl_shakespeare", "smollm2_135m", 68.17)
     text = markdown(table, cells)
     assert "| LLaMA-3.2-1B (ours: smollm2_135m) |" in text and "read from ppl_shakespeare" in text
+    assert "`python train.py -m experiment=mini_table2` (offline miniature)" in text
+    assert "experiment=paper_table2`" in markdown(table, fill(table, runs))  # without stand-ins: the paper's
 
 
 def test_make_tables_writes_markdown_csv_and_the_three_plots(tmp_path):

@@ -237,8 +237,11 @@ def markdown(table: PaperTable, cells: Sequence[Cell], only_filled: bool = False
     filled = {(c.row, c.metric) for c in by.values() if c.n}
     rows = [r for r in table.rows if not only_filled or any((r.name, m) in filled for m in table.metrics)]
     metrics = [m for m in table.metrics if not only_filled or any((r.name, m) in filled for r in rows)]
+    runs = f"`python train.py -m experiment={table.experiment}`"
+    if any(c.stand_in for c in cells):  # another model's runs in the paper's rows: the offline miniature's command
+        runs = f"`python train.py -m experiment={table.experiment.replace('paper_', 'mini_', 1)}` (offline miniature)"
     lines = [f"## {table.key}: {table.title}", "",
-             f"Paper: {CITATION}. Runs: `python train.py -m experiment={table.experiment}`. Each cell: ours / "
+             f"Paper: {CITATION}. Runs: {runs}. Each cell: ours / "
              "the paper's; ours is the mean ± standard error over seeds where there are several; \"–\": no run.", ""]
     if table.note:
         lines += [table.note, ""]
