@@ -278,7 +278,7 @@ def _check_hub_model(cfg: DictConfig) -> None:
 def _check_zeroshot(cfg: DictConfig) -> None:
     """``eval.lm_eval``: its shape, a language model to run it on, and every task's data found (lm-eval's task
     index is read, seconds; no data is loaded). Nothing to check when no task is set."""
-    from permsparse.zeroshot import KEY, ZeroShotSettings, check_tasks, needs_images
+    from permsparse.zeroshot import KEY, ZeroShotSettings, needs_images, processor_source
 
     settings = ZeroShotSettings.from_config(OmegaConf.select(cfg, KEY))
     if not settings.tasks:
@@ -286,10 +286,8 @@ def _check_zeroshot(cfg: DictConfig) -> None:
     if cfg.model.task != "causal_lm":
         raise ConfigError(f"{KEY}.tasks={list(settings.tasks)} needs a language model, but model={cfg.model.name} is "
                           f"a {cfg.model.task} model; set {KEY}.tasks=[]")
-    check_tasks(settings)
-    images = needs_images(settings)
-    load = cfg.model.get("load") or {}
-    if images and cfg.model.get("processor") is None and not (cfg.model.get("name_or_path") or load.get("name_or_path")):
+    images = needs_images(settings)  # checks every task's data first (check_tasks)
+    if images and processor_source(cfg.model) is None:
         raise ConfigError(f"{KEY}.tasks: {', '.join(images)} show images and need a vision-language model with its "
                           f"processor, but model={cfg.model.name} has none (e.g. model=qwen2_5_vl_3b)")
 

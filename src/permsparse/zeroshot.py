@@ -34,7 +34,7 @@ from typing import Any
 from permsparse.errors import ConfigError
 
 __all__ = ["KEY", "METRICS", "PAPER_TASKS", "ZeroShotSettings", "DatasetSource", "harness_version", "check_tasks",
-           "needs_images", "load_processor", "evaluate", "describe", "local_dataset_files", "export_task_data"]
+           "needs_images", "processor_source", "load_processor", "evaluate", "describe", "local_dataset_files", "export_task_data"]
 
 log = logging.getLogger("permsparse")
 
@@ -357,14 +357,22 @@ def needs_images(settings: ZeroShotSettings) -> list[str]:
     return [task for task, sources in check_tasks(settings).items() if any(s.images for s in sources)]
 
 
+def processor_source(model_cfg: Mapping[str, Any]) -> Any:
+    """Where a model config's multimodal processor comes from: its ``processor`` node (the tiny test model's), else
+    its ``name_or_path`` (for ``AutoProcessor``); ``None`` when it names neither."""
+    if model_cfg.get("processor") is not None:
+        return model_cfg["processor"]
+    return model_cfg.get("name_or_path") or (model_cfg.get("load") or {}).get("name_or_path") or None
+
+
 def load_processor(model_cfg: Mapping[str, Any]) -> Any:
     """The multimodal processor (image processor + tokenizer) of a vision-language model config: its ``processor``
     node instantiated (the tiny test model's), else ``AutoProcessor`` of its ``name_or_path``."""
-    if model_cfg.get("processor") is not None:
+    source = processor_source(model_cfg)
+    if isinstance(source, Mapping):
         from hydra.utils import instantiate
 
-        return instantiate(model_cfg["processor"], _convert_="all")
-    source = model_cfg.get("name_or_path") or (model_cfg.get("load") or {}).get("name_or_path")
+        return instantiate(source, _convert_="all")
     if not source:
         raise ConfigError(f"{KEY}: a task shows images, but model={model_cfg.get('name')} names neither a processor "
                           "nor a name_or_path to load one from; image tasks need a vision-language model")

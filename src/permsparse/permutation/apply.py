@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["apply_block_matrix", "apply_block_matrix_t", "permuted_masked_weight", "hard_permuted_masked_weight",
-           "block_permute_scores", "gradient_workspace", "native_bf16_matmul", "soft_mask_gradient"]
+           "block_permute_scores", "gradient_workspace", "native_bf16_matmul", "soft_mask_gradient", "soft_top_n_grad_p"]
 
 
 def native_bf16_matmul(device: torch.device | str) -> bool:
@@ -188,19 +188,30 @@ class _SoftMaskGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_t: Tensor):  # type: ignore[override]
         weight_t, scores_t, perm, base = ctx.saved_tensors
-        n, m, t = ctx.n, ctx.m, ctx.t
-        d_in, d_out = scores_t.shape
         with torch.no_grad():
             g_mask = (grad_t.float() * weight_t.float()).index_select(0, perm)  # dL/dM^T in permuted order
-            u = scores_t.index_select(0, perm).float().reshape(d_in // m, m, d_out) / t
-            s = u.softmax(dim=1)
-            g = g_mask.reshape(d_in // m, m, d_out)
-            du = (n / t) * s * (g - (g * s).sum(dim=1, keepdim=True))  # dL/d(S P)^T, grouped
-            blocks, size = ctx.p_shape[0], ctx.p_shape[1]
             frame_t = scores_t if base is None else scores_t.index_select(0, base)  # the blocks' channels
-            grad_p = torch.bmm(frame_t.float().reshape(blocks, size, d_out),
-                               du.reshape(blocks, size, d_out).transpose(1, 2))
+            grad_p = soft_top_n_grad_p(frame_t, scores_t.index_select(0, perm), g_mask, ctx.n, ctx.m, ctx.t,
+                                       ctx.p_shape[0])
         return grad_t, grad_p.to(ctx.p_dtype), None, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def soft_top_n_grad_p(frame_t: Tensor, permuted_t: Tensor, upstream_t: Tensor, n: int, m: int, temperature: float,
+                      blocks: int) -> Tensor:
+    """The gradient to the block-diagonal ``P`` (``(blocks, g, g)``, float32) that flows through the soft top-N
+    ``M_soft = N * softmax(S P / t)`` over each M-group, given ``upstream_t = dL/dM^T`` in permuted order.
+
+    ``frame_t``: the scores ``S^T`` with rows in the blocks' channel order; ``permuted_t``: ``(S P)^T`` (rows in
+    permuted order). The softmax Jacobian gives ``dL/d(S P)``, and ``dL/dP = S^T dL/d(S P)`` per block. All
+    ``(d_in, d_out)``. Shared by the mask gradient (:class:`_SoftMaskGradient`, upstream ``G * W``) and the
+    kept-score term (``LearnedPermutations._kept``, upstream ``S P``)."""
+    d_in, d_out = permuted_t.shape
+    s = (permuted_t.float().reshape(d_in // m, m, d_out) / temperature).softmax(dim=1)
+    g = upstream_t.float().reshape(d_in // m, m, d_out)
+    du = (n / temperature) * s * (g - (g * s).sum(dim=1, keepdim=True))  # dL/d(S P)^T, grouped
+    size = d_in // blocks
+    return torch.bmm(frame_t.float().reshape(blocks, size, d_out), du.reshape(blocks, size, d_out).transpose(1, 2))
 
 
 def soft_mask_gradient(w_eff: Tensor, p: Tensor, weight: Tensor, scores: Tensor, perm: Tensor, n: int, m: int,

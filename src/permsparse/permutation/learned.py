@@ -29,6 +29,7 @@ from permsparse.permutation.apply import (
     native_bf16_matmul,
     permuted_masked_weight,
     soft_mask_gradient,
+    soft_top_n_grad_p,
 )
 from permsparse.permutation.base import (
     PermutationMethod,
@@ -469,14 +470,10 @@ class LearnedPermutations(nn.Module):
                 c = torch.bmm(s_b, m_b.transpose(1, 2))
             p = state.p.to(c.dtype)
             total = total + (p * c).sum()
-            if through_mask:
-                with torch.no_grad():
-                    t = self.method.mask_tau * state.mean_score[name]
-                    sp = score_t.index_select(0, state.perm.to(score_t.device)).float()
-                    u = (sp / t).reshape(-1, pattern.m, sp.shape[1]).softmax(dim=1)  # soft top-N / N per M-group
-                    sg = sp.reshape(-1, pattern.m, sp.shape[1])
-                    du = (pattern.n / t) * u * (sg - (sg * u).sum(dim=1, keepdim=True))  # dK/d(S P) via M_soft
-                    c_mask = torch.bmm(s_b.float(), du.reshape(blocks, g, -1).transpose(1, 2)).to(c.dtype)
+            if through_mask:  # dK/dM = S P: the upstream of the soft top-N is the permuted scores themselves
+                sp = score_t.index_select(0, state.perm.to(score_t.device))
+                c_mask = soft_top_n_grad_p(state.frame(score_t), sp, sp, pattern.n, pattern.m,
+                                           self.method.mask_tau * state.mean_score[name], blocks).to(c.dtype)
                 extra = (p * c_mask).sum()
                 total = total + extra - extra.detach()  # the gradient only: the value is the hard kept score
         return total
