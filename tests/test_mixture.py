@@ -41,6 +41,16 @@ def test_evaluate_reports_every_held_out_domain_then_every_source():
     assert all(v > 1 for v in metrics.values())
 
 
+def test_zero_eval_windows_scores_the_held_out_domains_only():
+    dm = _dm()
+    dm.eval_windows = 0
+    assert list(dm.evaluate(tiny_llama(seed=0), batch_size=2, progress=False)) == ["ppl_kjv"]
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        MixtureTextDataModule(tiny_tokenizer(), sources=SOURCES, held_out=[], eval_windows=0)
+    with pytest.raises(ConfigError, match="eval_windows=-1"):
+        MixtureTextDataModule(tiny_tokenizer(), sources=SOURCES, held_out=HELD_OUT, eval_windows=-1)
+
+
 def test_a_held_out_domain_cannot_also_be_a_source():
     with pytest.raises(ConfigError, match="both a training source and a held-out domain"):
         MixtureTextDataModule(tiny_tokenizer(), sources=["shakespeare", "kjv"], held_out=["kjv"])

@@ -272,7 +272,9 @@ class MixtureTextDataModule(TextDataModule):
     interleaves them in a seeded order, so every batch mixes the sources. The held-out domains are used whole,
     for evaluation only (docs/protocols.md).
 
-    ``evaluate`` returns ``ppl_<domain>`` for every held-out domain first, then ``ppl_<source>`` for every source.
+    ``evaluate`` returns ``ppl_<domain>`` for every held-out domain first, then ``ppl_<source>`` for every source;
+    ``eval_windows=0`` leaves the sources' own perplexities out (the offline miniatures score the held-out domains
+    only, which is most of a run's time saved).
 
     ``validation_source`` (one of ``sources``) makes the run a leave-one-source-out fold: that source is taken out
     of calibration and learning, and validation draws from it alone, so the learned run's validation loss
@@ -303,6 +305,12 @@ class MixtureTextDataModule(TextDataModule):
                               "held-out domain must never be read before evaluation")
         if len(set(self.sources)) != len(self.sources) or len(set(self.held_out)) != len(self.held_out):
             raise ConfigError("dataset.datamodule: a source or held-out domain is listed twice")
+        if eval_windows < 0 or held_out_windows < 1:
+            raise ConfigError(f"dataset.datamodule: eval_windows={eval_windows} must be >= 0 (0 scores no source) and "
+                              f"held_out_windows={held_out_windows} >= 1")
+        if eval_windows == 0 and not self.held_out:
+            raise ConfigError("dataset.datamodule: eval_windows=0 and no held_out domain leaves nothing to evaluate; "
+                              "name a held-out domain or score the sources (eval_windows >= 1)")
 
     def _load(self) -> dict[str, Tensor]:
         if self._ids is None:
@@ -350,7 +358,7 @@ class MixtureTextDataModule(TextDataModule):
         for domain in self.held_out:
             windows = eval_windows(ids[f"held:{domain}"], self.held_out_windows, self.seq_len)
             out[f"ppl_{domain}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
-        for source in self.sources:
+        for source in self.sources if self.eval_windows else ():
             windows = eval_windows(ids[f"eval:{source}"], self.eval_windows, self.seq_len)
             out[f"ppl_{source}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
         return out
