@@ -72,6 +72,7 @@ __all__ = [
     "train_windows",
     "eval_windows",
     "perplexity",
+    "next_token_nll",
 ]
 
 OFFLINE_CORPORA = ("shakespeare", "pydoc", "kjv", "debian_reference", "manpages")
@@ -512,15 +513,18 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
         for i in starts:
             batch = windows[i : i + batch_size].to(device)
             out = model(input_ids=batch, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out
-            nll += float(
-                F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    batch[:, 1:].reshape(-1),
-                    reduction="sum",
-                )
-            )
-            count += batch[:, 1:].numel()
+            batch_nll, batch_count = next_token_nll(out.logits if hasattr(out, "logits") else out, batch)
+            nll += batch_nll
+            count += batch_count
     finally:
         model.train(was_training)
     return math.exp(nll / count)
+
+
+def next_token_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
+    """The summed next-token NLL of ``(n, seq_len)`` ``ids`` under their ``(n, seq_len, vocab)`` ``logits`` (upcast
+    to float32), and the number of predicted tokens, ``n * (seq_len - 1)``: one batch of :func:`perplexity` (the
+    streamed perplexity of :mod:`permsparse.streaming` sums the same terms)."""
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                          ids[:, 1:].reshape(-1).to(logits.device), reduction="sum")
+    return float(nll), ids[:, 1:].numel()

@@ -235,18 +235,23 @@ class TextDataModule(pl.LightningDataModule):
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch
         return model(input_ids=ids.to(next(model.parameters()).device))
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
-        from permsparse.data.text import eval_windows, perplexity
+    def eval_sets(self) -> dict[str, Tensor]:
+        """``{metric name: (n, seq_len) token windows}`` that :meth:`evaluate` scores by perplexity, in its order
+        (the streamed run scores the same windows block by block, :mod:`permsparse.streaming`)."""
+        from permsparse.data.text import eval_windows
 
         ids = self._load()
-        out = {f"ppl_{self.evaluated_corpus}": perplexity(model, eval_windows(ids["eval"], self.eval_windows,
-                                                                              self.seq_len),
-                                                          batch_size=batch_size, progress=progress)}
+        out = {f"ppl_{self.evaluated_corpus}": eval_windows(ids["eval"], self.eval_windows, self.seq_len)}
         if "second" in ids:
-            windows = eval_windows(ids["second"], self.second_domain_windows, self.seq_len)
-            out[f"ppl_{self.second_domain}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
+            out[f"ppl_{self.second_domain}"] = eval_windows(ids["second"], self.second_domain_windows, self.seq_len)
         return out
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
+        from permsparse.data.text import perplexity
+
+        return {name: perplexity(model, windows, batch_size=batch_size, progress=progress)
+                for name, windows in self.eval_sets().items()}
 
     def describe(self) -> dict:
         ids = self._load()
@@ -349,18 +354,14 @@ class MixtureTextDataModule(TextDataModule):
             return [self.validation_source]
         return [s for s in self.sources if s != self.validation_source]
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int = 4, progress: bool = True) -> dict[str, float]:
-        from permsparse.data.text import eval_windows, perplexity
+    def eval_sets(self) -> dict[str, Tensor]:
+        from permsparse.data.text import eval_windows
 
         ids = self._load()
-        out = {}
-        for domain in self.held_out:
-            windows = eval_windows(ids[f"held:{domain}"], self.held_out_windows, self.seq_len)
-            out[f"ppl_{domain}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
+        out = {f"ppl_{domain}": eval_windows(ids[f"held:{domain}"], self.held_out_windows, self.seq_len)
+               for domain in self.held_out}
         for source in self.sources if self.eval_windows else ():
-            windows = eval_windows(ids[f"eval:{source}"], self.eval_windows, self.seq_len)
-            out[f"ppl_{source}"] = perplexity(model, windows, batch_size=batch_size, progress=progress)
+            out[f"ppl_{source}"] = eval_windows(ids[f"eval:{source}"], self.eval_windows, self.seq_len)
         return out
 
     def describe(self) -> dict:
