@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from permsparse.models.binding import BindingGroup, BindingSpec, get_spec
 from permsparse.permutation.learned import LearnedPermutation, LearnedPermutations
-from permsparse.prune import prune_group
+from permsparse.prune import GroupReport, prune_group
 from permsparse.sparsity.base import LayerStats, Pruner
 from permsparse.sparsity.calibration import (
     BlockInputs,
@@ -169,6 +169,34 @@ def _restore(model: nn.Module, dense: dict[str, Tensor]) -> None:
     dense.clear()
 
 
+def _dense_copy(model: nn.Module, groups: Iterable[BindingGroup]) -> dict[str, Tensor]:
+    """A host copy of the weights of ``groups``' linears, for :func:`_restore` once the block is pruned."""
+    return {name: model.get_submodule(name).weight.detach().to("cpu", copy=True) for g in groups for name in g.linears}
+
+
+def _by_block(spec: BindingSpec, model: nn.Module) -> dict[int, list[BindingGroup]]:
+    by_block: dict[int, list[BindingGroup]] = {}
+    for group in spec.groups(model):
+        by_block.setdefault(group.block, []).append(group)
+    return by_block
+
+
+def _fix_block(model: nn.Module, index: int, n_blocks: int, groups: list[BindingGroup], method: LearnedPermutation,
+               pruner: Pruner, pattern: NMPattern, stats: Mapping[str, LayerStats] | None, spec: BindingSpec,
+               train_in: BlockInputs, val_in: BlockInputs, settings: BlockSettings,
+               done: Mapping[int, tuple[dict[str, Tensor], dict]]) -> tuple[dict[str, Tensor], dict, list[GroupReport]]:
+    """Block ``index``'s permutations (learned by :func:`_learn_block`, or taken from ``done``), then its ``groups``
+    pruned in place with them and ``stats``, exactly as the final pruning prunes them: the next blocks learn on this
+    block's pruned output. Returns the permutations, the block's summary and one report per group."""
+    if index in done:
+        block_perms, summary = done[index]
+    else:
+        block_perms, summary = _learn_block(model, index, n_blocks, method, pruner, pattern, stats, spec, train_in,
+                                            val_in, settings)
+    reports = [prune_group(model, group, pruner, pattern, block_perms[group.name], stats) for group in groups]
+    return block_perms, summary, reports
+
+
 def learn_block_local(model: nn.Module, method: LearnedPermutation, pruner: Pruner, pattern: NMPattern | str,
                       stats: Mapping[str, LayerStats] | None, train_batches: Iterable[Any], val_batches: Iterable[Any],
                       settings: BlockSettings, forward: Callable | None = None, spec: BindingSpec | None = None,
@@ -190,9 +218,7 @@ def learn_block_local(model: nn.Module, method: LearnedPermutation, pruner: Prun
     blocks = spec.blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__}: its binding spec lists no blocks; learning.mode=block needs them")
-    by_block: dict[int, list[BindingGroup]] = {}
-    for group in spec.groups(model):
-        by_block.setdefault(group.block, []).append(group)
+    by_block = _by_block(spec, model)
     done = dict(done or {})
     device, host = torch.device(settings.device), _model_device(model)
     train_in = capture_block_inputs(model, blocks[0], train_batches, forward, settings.progress)
@@ -209,17 +235,11 @@ def learn_block_local(model: nn.Module, method: LearnedPermutation, pruner: Prun
             block_stats = None if stats is None else move_stats(
                 {n: stats[n] for g in groups for n in g.linears if n in stats}, device)
             if groups:
-                for name in (n for g in groups for n in g.linears):
-                    dense[name] = model.get_submodule(name).weight.detach().to("cpu", copy=True)
-                if index in done:
-                    block_perms, summary = done[index]
-                else:
-                    block_perms, summary = _learn_block(model, index, len(blocks), method, pruner, pattern,
-                                                        block_stats, spec, train_in, val_in, settings)
+                dense.update(_dense_copy(model, groups))
+                block_perms, summary, _ = _fix_block(model, index, len(blocks), groups, method, pruner, pattern,
+                                                     block_stats, spec, train_in, val_in, settings, done)
                 perms.update(block_perms)
                 summaries.append(summary)
-                for group in groups:  # fixed from here on: the next blocks learn on this block's pruned output
-                    prune_group(model, group, pruner, pattern, block_perms[group.name], block_stats)
                 if on_block_end is not None:
                     on_block_end(dict(perms), list(summaries))
             if index + 1 < len(blocks):

@@ -30,6 +30,7 @@ __all__ = [
     "block_hidden_state",
     "capture_block_inputs",
     "advance_block_inputs",
+    "block_stats",
     "run_block",
     "hidden_of",
     "BlockInputs",
@@ -289,15 +290,24 @@ def collect_stats_sequential(
     with _eval_mode(model), torch.no_grad():
         captured = capture_block_inputs(model, blocks[0], batches, forward=forward, progress=progress)
         for i, block in enumerate(tqdm(blocks, desc="sequential calibration", disable=not progress)):
-            with _hooks(model, block_layer_names[i], hessian, dtype) as accs:
-                for args, kwargs in captured:
-                    block(*args, **kwargs)
-            stats_i = {name: acc.stats() for name, acc in accs.items()}
+            stats_i = block_stats(model, block, block_layer_names[i], captured, hessian, dtype)
             on_block(i, stats_i)
             all_stats.update(move_stats(stats_i, store_device))
             if i + 1 < len(blocks):
                 advance_block_inputs(block, captured)
     return all_stats
+
+
+@torch.no_grad()
+def block_stats(model: nn.Module, block: nn.Module, layer_names: Sequence[str], inputs: BlockInputs,
+                hessian: bool = False, dtype: torch.dtype = torch.float64) -> dict[str, LayerStats]:
+    """The input statistics of ``layer_names`` (names relative to ``model``, inside ``block``) over ``block``'s run
+    on every captured input (:func:`run_block`: on the block's device): one block's share of
+    :func:`collect_stats_sequential`, also what the streamed run (:mod:`permsparse.streaming`) calibrates with."""
+    with _eval_mode(block), _hooks(model, layer_names, hessian, dtype) as accs:
+        for captured in inputs:
+            run_block(block, captured)
+    return {name: acc.stats() for name, acc in accs.items()}
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any], forward: ForwardFn | None = None,
