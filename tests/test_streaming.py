@@ -7,17 +7,21 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_LM, compose_cfg
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import permsparse.block_local as block_local
 import permsparse.streaming as streaming
 from permsparse.block_local import BlockSettings, learn_block_local
+from permsparse.config import validate_config
 from permsparse.data.text import perplexity
 from permsparse.errors import ConfigError
 from permsparse.models.binding import get_spec
 from permsparse.models.tiny import tiny_hf_tokenizer, tiny_llama
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.prune import prune_group, prune_model, prune_model_sequential
+from permsparse.run import train
 from permsparse.sparsity.calibration import collect_stats, collect_stats_sequential
 from permsparse.sparsity.pruners import WandaPruner
 from permsparse.streaming import CheckpointIndex, StreamedModel, stream_block_local, streamed_perplexity
@@ -274,3 +278,59 @@ def test_a_resumed_stream_prunes_the_finished_blocks_without_training_them(saved
     assert trained == [1]
     assert all(torch.equal(resumed.perms[k], v) for k, v in full.perms.items())
     assert resumed.metrics == full.metrics and list(resumed.metrics) == ["pruned"]
+
+
+def _stream_cfg(folder, tmp_path, *extra):
+    rest = [o for o in TINY_LM if not o.startswith("model=")]
+    return compose_cfg(["model=hf_causal_lm", f"model.name_or_path={folder}", *rest, "perm=learned",
+                        "learning.mode=block", "learning.block_steps=3", "perm.method.init=identity",
+                        "perm.method.base=none", "perm.method.init_scale=0.05", "perm.method.mask_grad=false",
+                        "perm.optimizer.lr=0.1", "perm.scheduler=null", *extra], tmp_path)
+
+
+def test_a_streamed_run_writes_the_in_memory_runs_results(saved, tmp_path):
+    _, folder = saved
+    memory = train(_stream_cfg(folder, tmp_path / "memory"))
+    streamed = train(_stream_cfg(folder, tmp_path / "streamed", "learning.stream=true"))
+    assert streamed["learning"]["stream"]["source"] == str(folder)
+    assert streamed["pruned_file"] is None and "stream" in streamed["timings"]
+    assert list(streamed["metrics"]) == list(memory["metrics"]) == ["dense", "identity", "pruned"]
+    for phase, values in memory["metrics"].items():
+        assert values.keys() == streamed["metrics"][phase].keys()
+        for key, value in values.items():
+            assert streamed["metrics"][phase][key] == pytest.approx(value, rel=1e-6), (phase, key)
+    assert memory["learning"]["changed_channels"] > 0  # learning moved the permutations
+    assert streamed["learning"]["changed_channels"] == memory["learning"]["changed_channels"]
+    assert streamed["efficacy"]["per_group"] == pytest.approx(memory["efficacy"]["per_group"])
+    assert [b["train_losses"] for b in streamed["learning"]["blocks"]] == \
+           [b["train_losses"] for b in memory["learning"]["blocks"]]
+    want, got = torch.load(tmp_path / "memory" / "perms.pt"), torch.load(tmp_path / "streamed" / "perms.pt")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (tmp_path / "streamed" / "checkpoints" / "blocks.pt").is_file()
+    pruned = load_file(tmp_path / "memory" / "pruned.safetensors")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed" / "pruned").state_dict()
+    for key, value in pruned.items():
+        assert torch.equal(written[key], value), key
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["learning.mode=e2e"], "learning.mode=e2e needs the whole model"),
+    (["learning.finetune_e2e=true"], "finetune_e2e"),
+    (["learning.stream=1"], "learning.stream=1 is invalid"),
+])
+def test_stream_refuses_what_it_cannot_do(saved, tmp_path, overrides, match):
+    _, folder = saved
+    with pytest.raises(ConfigError, match=match):
+        validate_config(_stream_cfg(folder, tmp_path, "learning.stream=true", *overrides))
+
+
+def test_stream_needs_a_local_safetensors_folder(saved, tmp_path):
+    _, folder = saved
+    cfg = compose_cfg([*TINY_LM, "perm=learned", "learning.mode=block", "learning.stream=true"], tmp_path)
+    with pytest.raises(ConfigError, match="safetensors checkpoint folder.*model=tiny_llama"):
+        validate_config(cfg)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "config.json", bare / "config.json")
+    with pytest.raises(ConfigError, match="bare holds no safetensors checkpoint"):
+        validate_config(_stream_cfg(bare, tmp_path, "learning.stream=true"))

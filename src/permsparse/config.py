@@ -14,7 +14,7 @@ from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
 
 __all__ = ["ConfigError", "validate_config", "build_method", "LEARNING_MODES", "e2e_steps", "block_steps",
-           "BLOCK_PRECISIONS", "strategy_kind", "accelerator_kind"]
+           "BLOCK_PRECISIONS", "strategy_kind", "accelerator_kind", "stream_folder"]
 
 _TASKS = {"causal_lm", "image_classification"}
 #: ``learning.mode``: end to end (the default) or block-local (:mod:`permsparse.block_local`)
@@ -134,6 +134,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"learning.mode={mode!r} is invalid; choose e2e (end to end) or block (block-local)")
         if mode == "block":
             _check_block_mode(cfg)
+        _check_stream(cfg, mode)
         every = cfg.learning.get("checkpoint_every_n_steps")
         if every is not None:
             _positive_int(cfg, "learning.checkpoint_every_n_steps")
@@ -190,6 +191,74 @@ def _check_block_mode(cfg: DictConfig) -> None:
     every = cfg.learning.get("val_every_n_steps")
     if every is not None:
         _positive_int(cfg, "learning.val_every_n_steps")
+
+
+def _check_stream(cfg: DictConfig, mode: str) -> None:
+    """``learning.stream=true`` (:mod:`permsparse.streaming`): block mode, a text model with a safetensors folder, and
+    nothing that needs the whole model at once."""
+    stream = cfg.learning.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ConfigError(f"learning.stream={stream!r} is invalid: it must be true or false")
+    if not stream:
+        return
+    if mode != "block":
+        raise ConfigError(f"learning.stream=true streams the blocks of block-local learning; learning.mode={mode} "
+                          "needs the whole model at once. Set learning.mode=block, or learning.stream=false")
+    if cfg.learning.get("finetune_e2e"):
+        raise ConfigError("learning.stream=true cannot run learning.finetune_e2e, an end-to-end pass over the whole "
+                          "model; set learning.finetune_e2e=false")
+    from permsparse.zeroshot import KEY, ZeroShotSettings
+
+    if ZeroShotSettings.from_config(OmegaConf.select(cfg, KEY)).tasks:
+        raise ConfigError(f"learning.stream=true evaluates perplexity only; {KEY}.tasks needs the whole model. Set "
+                          f"{KEY}.tasks=[] (eval/lm_eval=none)")
+    if OmegaConf.select(cfg, "model.targets", default=None) is not None:
+        raise ConfigError("learning.stream=true streams a causal LM's decoder blocks; model.targets (a vision-language "
+                          "model's towers) is not supported; set learning.stream=false")
+    stream_folder(cfg)
+
+
+def stream_folder(cfg: DictConfig) -> Path:
+    """The Hugging Face safetensors folder that ``learning.stream=true`` loads blocks from: ``model.load.name_or_path``
+    of ``model=hf_causal_lm`` (``load_hf_causal_lm``), a local folder or a hub id already in the local Hugging Face
+    cache (never downloaded here). A :class:`ConfigError` says what is missing."""
+    from permsparse.streaming import INDEX_FILE, SINGLE_FILE
+
+    load = cfg.model.get("load")
+    target = str(load.get("_target_", "")) if isinstance(load, DictConfig) else ""
+    if not target.endswith(".load_hf_causal_lm"):
+        raise ConfigError(f"learning.stream=true loads the blocks from a Hugging Face safetensors checkpoint folder, "
+                          f"but model={cfg.model.get('name', '?')} is loaded by {target or 'no loader'}, which has none. "
+                          "Save the model with save_pretrained and use model=hf_causal_lm "
+                          "model.name_or_path=/path/to/folder, or learning.stream=false")
+    if OmegaConf.select(load, "gguf_file", default=None, throw_on_missing=False):
+        raise ConfigError("learning.stream=true reads safetensors shards, not a GGUF file; set model.gguf_file=null "
+                          "with a safetensors folder, or learning.stream=false")
+    source = str(OmegaConf.select(load, "name_or_path", default=None, throw_on_missing=False) or "")
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        folder = _hub_snapshot(source)
+        if folder is None:
+            raise ConfigError(f"learning.stream=true needs model.name_or_path={source or 'null'} as a local folder or "
+                              "a hub model already in the local Hugging Face cache (streaming never downloads it): "
+                              f"huggingface-cli download {source or '<hub id>'}, or point model.name_or_path at a "
+                              "save_pretrained folder")
+    if not ((folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()):
+        raise ConfigError(f"learning.stream=true: {folder} holds no safetensors checkpoint (neither {INDEX_FILE} nor "
+                          f"{SINGLE_FILE}); save the model there with save_pretrained, or learning.stream=false")
+    return folder
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of ``repo_id`` (never fetched), or ``None``."""
+    if not repo_id:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or not a valid hub id
+        return None
 
 
 def build_method(cfg: DictConfig) -> object:

@@ -46,10 +46,12 @@ from permsparse.sparsity.calibration import collect_stats
 from permsparse.sparsity.nm import NMPattern
 from permsparse.utils.io import atomic_torch_save
 
-__all__ = ["train", "learn_permutations", "learn_block_permutations", "build_permutation", "package_versions",
-           "skip_indivisible_if", "SKIP_INDIVISIBLE_KEY"]
+__all__ = ["train", "train_streamed", "learn_permutations", "learn_block_permutations", "build_permutation",
+           "package_versions", "skip_indivisible_if", "SKIP_INDIVISIBLE_KEY", "STREAMED_PRUNED"]
 
 SKIP_INDIVISIBLE_KEY = "prune.skip_indivisible"
+#: the pruned checkpoint folder of a streamed run (``learning.stream=true``, ``save_pruned=true``)
+STREAMED_PRUNED = "pruned"
 
 log = logging.getLogger("permsparse")
 
@@ -171,6 +173,55 @@ def _block_device(cfg: DictConfig) -> torch.device:
     raise ConfigError(f"trainer.accelerator={accelerator} is not supported by learning.mode=block; use cpu or gpu")
 
 
+@dataclass
+class _BlockRun:
+    """What a block-local run takes from the config, in memory or streamed: the per-block settings, the cached
+    training and validation batches, the blocks a resumed run has finished, and the per-block checkpoint."""
+
+    settings: Any
+    train: list
+    val: list
+    done: dict[int, tuple[dict[str, Tensor], dict]]
+    checkpoint: Path
+    logger: Any = None
+
+    @classmethod
+    def build(cls, cfg: DictConfig, datamodule: Any, out_dir: Path, logger: Any, resume: Path | None) -> _BlockRun:
+        from permsparse.block_local import BlockSettings
+
+        settings = BlockSettings(
+            steps=block_steps(cfg), optimizer=instantiate(cfg.perm.optimizer),
+            scheduler=instantiate(cfg.perm.scheduler), val_every=cfg.learning.get("val_every_n_steps"),
+            device=_block_device(cfg), bf16=str(cfg.trainer.get("precision", "32-true")) == "bf16-mixed",
+            seed=int(cfg.seed), progress=bool(cfg.progress),
+        )
+        seq_len = cfg.learning.get("seq_len")
+        train = list(datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len))
+        val = list(datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len))
+        done = {}
+        if resume is not None:
+            state = torch.load(resume, map_location="cpu", weights_only=False)
+            done = {s["block"]: ({g: state["perms"][g] for g in s["groups"]}, s) for s in state["blocks"]}
+        return cls(settings, train, val, done, out_dir / BLOCK_CHECKPOINT, logger)
+
+    def on_block_end(self, perms: dict[str, Tensor], summaries: list[dict]) -> None:
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"perms": perms, "blocks": summaries}, self.checkpoint)
+        if self.logger is not None:
+            last = summaries[-1]
+            self.logger.log_metrics({"block/final_loss": last["final_loss"],
+                                     "block/best_val_loss": last["best_val_loss"]}, step=last["block"])
+
+    def summary(self, perms: Mapping[str, Tensor], blocks: list[dict]) -> dict[str, Any]:
+        """``results.json``'s ``learning`` of a block-local run (docs/method.md §4.8)."""
+        return {
+            "mode": "block", "steps": sum(b["steps"] for b in blocks), "steps_per_block": self.settings.steps,
+            "seconds": sum(b["seconds"] for b in blocks), "blocks": blocks,
+            "changed_channels": int(sum((p != torch.arange(p.numel())).sum() for p in perms.values())),
+            "grad_dtype": blocks[0]["grad_dtype"] if blocks else None, "finetune": None,
+        }
+
+
 def learn_block_permutations(cfg: DictConfig, method: LearnedPermutation, model: nn.Module, datamodule: Any,
                              pruner: Any, pattern: NMPattern, stats: Mapping | None, out_dir: Path, logger: Any = None,
                              resume: Path | None = None) -> tuple[dict[str, Tensor], dict, Any]:
@@ -183,39 +234,12 @@ def learn_block_permutations(cfg: DictConfig, method: LearnedPermutation, model:
     """
     import dataclasses
 
-    from permsparse.block_local import BlockSettings, learn_block_local
+    from permsparse.block_local import learn_block_local
 
-    settings = BlockSettings(
-        steps=block_steps(cfg), optimizer=instantiate(cfg.perm.optimizer), scheduler=instantiate(cfg.perm.scheduler),
-        val_every=cfg.learning.get("val_every_n_steps"), device=_block_device(cfg),
-        bf16=str(cfg.trainer.get("precision", "32-true")) == "bf16-mixed", seed=int(cfg.seed),
-        progress=bool(cfg.progress),
-    )
-    seq_len = cfg.learning.get("seq_len")
-    train = list(datamodule.train_dataloader(cfg.learning.train_samples, cfg.learning.batch_size, seq_len))
-    val = list(datamodule.val_dataloader(cfg.learning.val_samples, cfg.learning.batch_size, seq_len))
-    done = {}
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        done = {s["block"]: ({g: state["perms"][g] for g in s["groups"]}, s) for s in state["blocks"]}
-    checkpoint = out_dir / BLOCK_CHECKPOINT
-
-    def on_block_end(perms: dict[str, Tensor], summaries: list[dict]) -> None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"perms": perms, "blocks": summaries}, checkpoint)
-        if logger is not None:
-            last = summaries[-1]
-            logger.log_metrics({"block/final_loss": last["final_loss"], "block/best_val_loss": last["best_val_loss"]},
-                               step=last["block"])
-
-    perms, blocks = learn_block_local(model, method, pruner, pattern, stats, train, val, settings,
-                                      forward=datamodule.forward, done=done, on_block_end=on_block_end)
-    summary: dict[str, Any] = {
-        "mode": "block", "steps": sum(b["steps"] for b in blocks), "steps_per_block": settings.steps,
-        "seconds": sum(b["seconds"] for b in blocks), "blocks": blocks,
-        "changed_channels": int(sum((p != torch.arange(p.numel())).sum() for p in perms.values())),
-        "grad_dtype": blocks[0]["grad_dtype"] if blocks else None, "finetune": None,
-    }
+    run = _BlockRun.build(cfg, datamodule, out_dir, logger, resume)
+    perms, blocks = learn_block_local(model, method, pruner, pattern, stats, run.train, run.val, run.settings,
+                                      forward=datamodule.forward, done=run.done, on_block_end=run.on_block_end)
+    summary = run.summary(perms, blocks)
     if cfg.learning.get("finetune_e2e"):
         finetune_cfg = cfg.copy()
         with open_dict(finetune_cfg):
@@ -333,8 +357,9 @@ class _Setup:
     skipped: dict[str, dict[str, list[str]]]  # prune.skip_indivisible: the groups left dense, with why
 
 
-def _load(cfg: DictConfig, method: Any, pattern: NMPattern) -> _Setup:
-    model, tokenizer = build_model(cfg.model)
+def _load(cfg: DictConfig, method: Any, pattern: NMPattern, loaded: tuple[nn.Module, Any] | None = None) -> _Setup:
+    """Model (``loaded``, or built from ``model``), checks, data module and pruner."""
+    model, tokenizer = build_model(cfg.model) if loaded is None else loaded
     _check_context(cfg, model)
     foldable = bool(cfg.perm.get("foldable", False))
     # the learned method's blocks must hold whole M-groups (heads, where foldable): one error lists every layer
@@ -435,6 +460,71 @@ def _log_results(logger: Any, metrics: dict, report: PruneReport) -> None:
         logger.experiment.finish()
 
 
+def _stream_load(cfg: DictConfig, folder: Path) -> tuple[Any, Any]:
+    """``learning.stream=true``: the model of ``folder`` with its blocks on ``meta`` (:class:`StreamedModel`) and its
+    tokenizer (the ``model.tokenizer`` node where there is one, else the folder's, as the Hugging Face loader)."""
+    from hydra.utils import instantiate as build
+
+    from permsparse.streaming import StreamedModel
+
+    streamed = StreamedModel(folder, dtype=OmegaConf.select(cfg, "model.load.dtype", default="float32"))
+    if cfg.model.get("tokenizer") is not None:
+        tokenizer = build(cfg.model.tokenizer, _convert_="all")
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return streamed, tokenizer
+
+
+def train_streamed(cfg: DictConfig, method: LearnedPermutation, pattern: NMPattern, out_dir: Path, timer: _Timer,
+                   resume: Path | None = None) -> dict:
+    """:func:`train` with ``learning.stream=true``: block-local learning with one block at a time loaded from the
+    model's safetensors folder (:func:`permsparse.streaming.stream_block_local`), the dense, identity and pruned
+    evaluations walked in the same pass, and the run folder written as :func:`train` writes it (``results.json``,
+    ``perms.pt``, ``checkpoints/blocks.pt``), except that the pruned model is the sharded checkpoint folder
+    ``pruned/`` (with ``save_pruned=true``) instead of ``pruned.safetensors`` (``pruned_file`` is null)."""
+    from permsparse.config import stream_folder
+    from permsparse.streaming import stream_block_local
+
+    folder = stream_folder(cfg)
+    with timer("load"):
+        streamed, tokenizer = _stream_load(cfg, folder)
+        setup = _load(cfg, method, pattern, (streamed.model, tokenizer))
+    datamodule = setup.datamodule
+    if not hasattr(datamodule, "eval_sets"):
+        raise ConfigError(f"learning.stream=true evaluates perplexity on a text data module's windows; "
+                          f"dataset={cfg.dataset.name} ({type(datamodule).__name__}) has none")
+    logger = _build_logger(cfg)
+    run = _BlockRun.build(cfg, datamodule, out_dir, logger, resume)
+    pruner = setup.pruner
+    calibration = None
+    if pruner.needs_stats or pruner.needs_hessian:
+        calibration = datamodule.calibration_batches(cfg.calibration.samples, cfg.calibration.batch_size)
+    phases = [*(["dense"] if cfg.eval.get("dense_baseline", True) else []), "pruned",
+              *(["identity"] if cfg.eval.identity_baseline else [])]
+    save = bool(cfg.get("save_pruned", True))
+    with timer("stream"):
+        result = stream_block_local(streamed, method, pruner, pattern, run.train, run.val, run.settings,
+                                    calibration_batches=calibration, sequential=bool(cfg.calibration.sequential),
+                                    eval_sets=datamodule.eval_sets(), eval_batch_size=int(cfg.eval.batch_size),
+                                    phases=phases, forward=datamodule.forward, done=run.done,
+                                    on_block_end=run.on_block_end, pruned_dir=out_dir / STREAMED_PRUNED if save else None)
+    learning = run.summary(result.perms, result.blocks)
+    learning["stream"] = {"source": str(folder), "pruned_dir": STREAMED_PRUNED if save else None,
+                          "seconds": result.seconds}
+    metrics = {phase: result.metrics[phase] for phase in ("dense", "identity", "pruned") if phase in result.metrics}
+    report = result.reports["pruned"]
+    atomic_torch_save(report.perms, out_dir / PERMS)
+    record = _record(cfg, setup, report, metrics, learning, timer, False, None)
+    record.write(out_dir)
+    _log_results(logger, metrics, report)
+    results = record.to_dict()
+    _print_table(results)
+    log.info("results written to %s", out_dir / RESULTS)
+    return results
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one experiment end to end and return the result dictionary written to ``results.json``.
 
@@ -457,6 +547,8 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     pattern = NMPattern(int(cfg.sparsity.n), int(cfg.sparsity.m))
     ckpt_path = _resume_checkpoint(cfg)  # a missing or corrupt checkpoint fails before any model is loaded
+    if learned and _block_mode(cfg) and cfg.learning.get("stream", False):
+        return train_streamed(cfg, method, pattern, out_dir, timer, ckpt_path)
     with timer("load"):
         setup = _load(cfg, method, pattern)
     logger = _build_logger(cfg)
