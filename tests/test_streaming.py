@@ -307,6 +307,10 @@ def test_a_streamed_run_writes_the_in_memory_runs_results(saved, tmp_path):
     want, got = torch.load(tmp_path / "memory" / "perms.pt"), torch.load(tmp_path / "streamed" / "perms.pt")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert (tmp_path / "streamed" / "checkpoints" / "blocks.pt").is_file()
+    resumed = train(_stream_cfg(folder, tmp_path / "resumed", "learning.stream=true",
+                                f"resume={tmp_path / 'streamed'}"))  # every block finished: none is trained again
+    assert resumed["metrics"] == streamed["metrics"]
+    assert resumed["learning"]["blocks"] == streamed["learning"]["blocks"]
     pruned = load_file(tmp_path / "memory" / "pruned.safetensors")
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed" / "pruned").state_dict()
     for key, value in pruned.items():
