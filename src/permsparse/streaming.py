@@ -18,9 +18,9 @@ docs/method.md §4.8 describes what it keeps in memory and what it does not do.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,6 +49,7 @@ from permsparse.sparsity.calibration import (
     hidden_of,
 )
 from permsparse.sparsity.nm import NMPattern
+from permsparse.utils.io import atomic_write, atomic_write_json
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "CheckpointIndex", "StreamedModel", "PrunedCheckpoint", "StreamResult",
            "stream_block_local", "streamed_perplexity", "PHASES"]
@@ -266,18 +267,11 @@ class PrunedCheckpoint:
         self.size = 0
 
     def _save(self, tensors: dict[str, Tensor], shard: int) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         name = f"model-{shard:05d}-of-{self.total:05d}.safetensors"
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            os.replace(tmp, self.folder / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.folder / name, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
         self.weight_map.update(dict.fromkeys(tensors, name))
         self.size += sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -290,8 +284,8 @@ class PrunedCheckpoint:
         state = self.streamed.model.state_dict()
         self._save({n: state[n] for n in self.streamed.index.names() if n in state and not self.streamed._in_block(n)},
                    self.total)
-        index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        atomic_write_json(self.folder / INDEX_FILE, {"metadata": {"total_size": self.size},
+                                                     "weight_map": dict(sorted(self.weight_map.items()))})
         self.streamed.model.config.save_pretrained(self.folder)
         for extra in ("generation_config.json",):
             if (self.streamed.folder / extra).is_file():
@@ -369,25 +363,27 @@ def _walk(streamed: StreamedModel, phases: list[_Phase], pruner: Pruner | None, 
                 if more:
                     advance_block_inputs(block, calib)
             for phase in phases:
-                if phase.name != "dense":
-                    stats = dense_stats
-                    if phase.calib is not None:
-                        stats = block_stats(model, block, names, phase.calib, hessian) if names else {}
-                    dense = _dense_copy(model, groups)
-                    if phase.learn is not None:
-                        reports = phase.learn(index, groups, stats)
-                    else:
-                        reports = [prune_group(model, g, pruner, pattern, _perm_for(phase.perms, g), stats)
-                                   for g in groups]
-                    phase.report.groups.extend(reports)  # type: ignore[union-attr]
-                    if phase.calib is not None and more:
-                        advance_block_inputs(block, phase.calib)
-                    if phase.writer is not None:
-                        phase.writer.write_block(index, block)
+                if phase.name == "dense":
+                    for inputs in phase.evals.values():
+                        advance_block_inputs(block, inputs)
+                    continue
+                stats = dense_stats
+                if phase.calib is not None:
+                    stats = block_stats(model, block, names, phase.calib, hessian) if names else {}
+                dense = _dense_copy(model, groups)
+                if phase.learn is not None:
+                    reports = phase.learn(index, groups, stats)
+                else:
+                    reports = [prune_group(model, g, pruner, pattern, _perm_for(phase.perms, g), stats)
+                               for g in groups]
+                phase.report.groups.extend(reports)  # type: ignore[union-attr]
+                if phase.calib is not None and more:
+                    advance_block_inputs(block, phase.calib)
                 for inputs in phase.evals.values():
                     advance_block_inputs(block, inputs)
-                if phase.name != "dense":
-                    _restore(model, dense)
+                if phase.writer is not None:
+                    phase.writer.write_block(index, block)
+                _restore(model, dense)  # the next phase starts from the dense block
     for phase in phases:
         if phase.writer is not None:
             phase.writer.finish()
@@ -399,8 +395,6 @@ def _walk(streamed: StreamedModel, phases: list[_Phase], pruner: Pruner | None, 
 def _perplexity(streamed: StreamedModel, hidden: BlockInputs, batches: list[Tensor], device: torch.device) -> float:
     """``exp`` of the mean next-token NLL of ``batches`` from their last block's hidden states: the final norm and the
     head run on ``device`` (and go back to the host)."""
-    import math
-
     norm, head = streamed.output_head()
     nll, count = 0.0, 0
     try:
