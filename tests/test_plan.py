@@ -167,6 +167,34 @@ def test_block_mode_plans_one_block_on_the_device_and_the_cache_on_the_host(tmp_
     assert any("one block's weights" in n for n in block.notes)
 
 
+def test_a_streamed_block_plan_holds_no_block_on_the_host_but_caches_every_phase(tmp_path):
+    """learning.stream=true: the device rows are the in-memory block plan's; the host holds the modules outside the
+    blocks (not the model), one block's statistics, and the calibration and evaluation hidden states."""
+    from permsparse.models.tiny import tiny_llama
+
+    base = [*TINY_LM, "perm=learned", "learning.mode=block"]
+    memory = plan_run(compose_cfg(base, tmp_path))
+    streamed = plan_run(compose_cfg([*base, "learning.stream=true"], tmp_path))
+    assert [(i.name, i.bytes) for i in streamed.items] == [(i.name, i.bytes) for i in memory.items]
+    host = {i.name: i.bytes for i in streamed.host}
+    assert "model as loaded" not in host and "model as loaded" in {i.name for i in memory.host}
+    model = tiny_llama(seed=0)
+    tensors = [*model.named_parameters(), *model.named_buffers()]  # buffers: the rotary frequencies
+    outside = sum(t.numel() * t.element_size() for n, t in tensors if not n.startswith("model.layers."))
+    assert host["modules outside the blocks"] == outside
+    memory_host = {i.name: i.bytes for i in memory.host}
+    assert host["calibration statistics"] * 2 == memory_host["calibration statistics"]  # one of two equal blocks
+    hidden = 64 * 4  # one token's fp32 hidden state
+    assert host["calibration windows' hidden states"] == 4 * 32 * hidden  # calibration.samples x seq_len
+    assert host["evaluation hidden states"] == 3 * (4 + 2) * 32 * hidden  # dense, identity, pruned x 6 windows
+    sequential = plan_run(compose_cfg([*base, "learning.stream=true", "calibration.sequential=true",
+                                       "eval.dense_baseline=false"], tmp_path))
+    host = {i.name: i.bytes for i in sequential.host}
+    assert host["calibration windows' hidden states"] == 2 * 4 * 32 * hidden  # one copy per pruned phase
+    assert host["evaluation hidden states"] == 2 * (4 + 2) * 32 * hidden
+    assert any("checkpoint's shards" in n for n in sequential.notes)
+
+
 def test_the_issue_shapes_plan_offline_from_their_yaml(tmp_path):
     """LLaMA-2 shapes without network (conftest sets HF_HUB_OFFLINE): 7B's 6,738,415,616 parameters in fp32; its
     block-local run fits 24 GB, its end-to-end run does not fit 80 GB (the cold Sinkhorn's saved iterates are the

@@ -695,19 +695,26 @@ def plan_run(cfg: DictConfig) -> Plan:
                           "the root unit's frozen parameters (embeddings, norm, head; gathered for the whole step), "
                           "the largest block's parameters (gathered while it runs) and the costs' own 1/world shard"))
 
-    host = _host_items(linears, weights, pruner, mode)
+    stream = mode == "block" and bool(OmegaConf.select(cfg, "learning.stream", default=False))
+    in_blocks = sum(t.numel() * t.element_size() for b in blocks for t in [*b.parameters(), *b.buffers()])
+    host = _host_items(linears, weights, pruner, mode, stream, weights - in_blocks)
     if mode == "block":
         out = trace.block_output_bytes.get(worst, 0) // max(batch, 1)
         samples = int(cfg.learning.train_samples) + int(cfg.learning.val_samples)
         host.append(Item("block input cache", 2 * samples * out, "estimate",
                          f"the current block's inputs (outputs of the pruned blocks before it) + its dense targets, "
                          f"{samples} training and validation windows x {format_bytes(out)} each"))
+        if stream:
+            host += _stream_caches(cfg, pruner, out // max(int(seq_len or 1), 1))
     flops = _flops(trace, method, dev_groups, dev_linears, mode, worst, n_blocks, batch * int(seq_len or 1), cfg)
     notes = []
     if mode == "block":
+        where = ("the caches and the dense copy stay on the host, the other blocks in the checkpoint's shards "
+                 "(learning.stream=true)" if stream else
+                 "the cache, the other blocks and the dense copies stay on the host")
         notes.append("learning.mode=block: one block's weights, scores, masks, costs, optimiser states and activations "
                      f"on the device at once (the largest block, {worst}, shown), one batch of its cached inputs and "
-                     "targets moved there per step; the cache, the other blocks and the dense copies stay on the host"
+                     f"targets moved there per step; {where}"
                      + ("; learning.finetune_e2e then needs the e2e plan (learning.mode=e2e)"
                         if cfg.learning.get("finetune_e2e") else ""))
     if strategy == "fsdp":
@@ -740,16 +747,26 @@ def _other_linear_numel(model: nn.Module, linears: list[LinearPlan]) -> int:
     return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in bound)
 
 
-def _host_items(linears: list[LinearPlan], weights: int, pruner: Any, mode: str) -> list[Item]:
-    stats = sum(lin.d_in * 8 for lin in linears)
-    how = "sum of x^2 per input channel, float64"
-    if getattr(pruner, "needs_hessian", False):
-        stats += sum(lin.d_in * lin.d_in * 8 for lin in linears)
-        how = "X^T X per linear (SparseGPT), float64"
+def _host_items(linears: list[LinearPlan], weights: int, pruner: Any, mode: str, stream: bool = False,
+                outside_blocks: int = 0) -> list[Item]:
+    hessian = getattr(pruner, "needs_hessian", False)
+
+    def stats_bytes(lins: list[LinearPlan]) -> int:
+        return sum(lin.d_in * 8 + (lin.d_in * lin.d_in * 8 if hessian else 0) for lin in lins)
+
+    how = "X^T X per linear (SparseGPT), float64" if hessian else "sum of x^2 per input channel, float64"
     bound = sum(lin.numel for lin in linears)
-    out = [Item("model as loaded", weights, "exact", "the checkpoint in model.load.dtype"
-                + ("; block mode keeps it here and moves one block at a time to the device" if mode == "block" else "")),
-           Item("calibration statistics", stats, "exact", how)]
+    if stream:  # learning.stream=true: the blocks stay in the checkpoint; statistics live one block at a time
+        largest_stats = max((stats_bytes(lins) for lins in _by_block(linears).values()), default=0)
+        out = [Item("modules outside the blocks", outside_blocks, "exact",
+                    "embeddings, final norm, head (tied ones once) in model.load.dtype; every block stays in the "
+                    "checkpoint's shards until it is read"),
+               Item("calibration statistics", largest_stats, "exact", how + ", the current block's only")]
+    else:
+        out = [Item("model as loaded", weights, "exact", "the checkpoint in model.load.dtype"
+                    + ("; block mode keeps it here and moves one block at a time to the device"
+                       if mode == "block" else "")),
+               Item("calibration statistics", stats_bytes(linears), "exact", how)]
     if mode == "e2e":
         out.append(Item("scores + masks while building", bound * (F32 + linears[0].itemsize) if linears else 0,
                         "exact", "built on the host before Lightning moves them to the device"))
@@ -758,6 +775,43 @@ def _host_items(linears: list[LinearPlan], weights: int, pruner: Any, mode: str)
         largest = max((sum(lin.numel * lin.itemsize for lin in lins) for lins in by_block.values()), default=0)
         out.append(Item("dense copy of the current block", largest, "exact",
                         "its bound weights, copied before it is pruned and restored once its output is cached"))
+    return out
+
+
+def _eval_window_count(datamodule: Any) -> int | None:
+    """How many windows the text data module ``datamodule`` (its config) evaluates, or ``None`` if it does not say."""
+    get = datamodule.get
+    if get("held_out") is not None:  # the mixture: every held-out domain, then every source's tail
+        n = len(get("held_out")) * int(get("held_out_windows", 16))
+        return n + len(get("sources") or ()) * int(get("eval_windows", 8) or 0)
+    if get("eval_windows") is None:
+        return None
+    return int(get("eval_windows")) + (int(get("second_domain_windows", 0) or 0) if get("second_domain") else 0)
+
+
+def _stream_caches(cfg: DictConfig, pruner: Any, per_token: int) -> list[Item]:
+    """``learning.stream=true``'s host caches besides the learning windows: the calibration windows' and every
+    evaluated phase's hidden states, advanced block by block (``per_token``: bytes of one token's hidden state)."""
+    seq_len = int(cfg.dataset.datamodule.get("seq_len") or 0)
+    pruned = 1 + bool(cfg.eval.get("identity_baseline", True))
+    phases = pruned + bool(cfg.eval.get("dense_baseline", True))
+    out = []
+    if getattr(pruner, "needs_stats", False) or getattr(pruner, "needs_hessian", False):
+        copies = pruned if cfg.calibration.get("sequential") else 1
+        samples = int(cfg.calibration.samples)
+        out.append(Item("calibration windows' hidden states", copies * samples * seq_len * per_token, "estimate",
+                        f"{samples} windows x {seq_len} tokens x {format_bytes(per_token)}, x {copies} "
+                        "(one copy, or one per pruned phase with calibration.sequential)"))
+    windows = _eval_window_count(cfg.dataset.datamodule)
+    if windows is None:
+        out.append(Item("evaluation hidden states", 0, "unknown",
+                        f"dataset={cfg.dataset.name} evaluates every window of its split (eval_windows: null), "
+                        f"{format_bytes(seq_len * per_token)} per window and phase; not counted before the data "
+                        "is read"))
+    else:
+        out.append(Item("evaluation hidden states", phases * windows * seq_len * per_token, "estimate",
+                        f"{windows} windows x {seq_len} tokens x {format_bytes(per_token)}, one copy per evaluated "
+                        f"phase ({phases}: dense, pruned, identity as eval.* asks)"))
     return out
 
 
