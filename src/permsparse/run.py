@@ -460,6 +460,16 @@ def _log_results(logger: Any, metrics: dict, report: PruneReport) -> None:
         logger.experiment.finish()
 
 
+def _finish(record: RunRecord, out_dir: Path, logger: Any, metrics: dict, report: PruneReport) -> dict:
+    """Write ``results.json``, log the metrics, print the table; return the results."""
+    record.write(out_dir)
+    _log_results(logger, metrics, report)
+    results = record.to_dict()
+    _print_table(results)
+    log.info("results written to %s", out_dir / RESULTS)
+    return results
+
+
 def _stream_load(cfg: DictConfig, folder: Path) -> tuple[Any, Any]:
     """``learning.stream=true``: the model of ``folder`` with its blocks on ``meta`` (:class:`StreamedModel`) and its
     tokenizer (the ``model.tokenizer`` node where there is one, else the folder's, as the Hugging Face loader)."""
@@ -516,13 +526,8 @@ def train_streamed(cfg: DictConfig, method: LearnedPermutation, pattern: NMPatte
     metrics = {phase: result.metrics[phase] for phase in ("dense", "identity", "pruned") if phase in result.metrics}
     report = result.reports["pruned"]
     atomic_torch_save(report.perms, out_dir / PERMS)
-    record = _record(cfg, setup, report, metrics, learning, timer, False, None)
-    record.write(out_dir)
-    _log_results(logger, metrics, report)
-    results = record.to_dict()
-    _print_table(results)
-    log.info("results written to %s", out_dir / RESULTS)
-    return results
+    return _finish(_record(cfg, setup, report, metrics, learning, timer, False, None), out_dir, logger, metrics,
+                   report)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -597,9 +602,4 @@ def train(cfg: DictConfig) -> dict:
     record = _record(cfg, setup, report, metrics, learn_summary, timer, sharded, pruned_file)
     if lm_eval := zeroshot.describe(zeroshot.ZeroShotSettings.from_config(OmegaConf.select(cfg, zeroshot.KEY))):
         record.protocol["lm_eval"] = lm_eval
-    record.write(out_dir)
-    _log_results(logger, metrics, report)
-    results = record.to_dict()
-    _print_table(results)
-    log.info("results written to %s", out_dir / RESULTS)
-    return results
+    return _finish(record, out_dir, logger, metrics, report)
