@@ -193,6 +193,9 @@ def test_a_streamed_block_plan_holds_no_block_on_the_host_but_caches_every_phase
     assert host["calibration windows' hidden states"] == 2 * 4 * 32 * hidden  # one copy per pruned phase
     assert host["evaluation hidden states"] == 2 * (4 + 2) * 32 * hidden
     assert any("checkpoint's shards" in n for n in sequential.notes)
+    # a key the dataset config leaves out counts with the data module's own default (TextDataModule: 32 windows)
+    default = plan_run(compose_cfg([*base, "learning.stream=true", "~dataset.datamodule.eval_windows"], tmp_path))
+    assert {i.name: i.bytes for i in default.host}["evaluation hidden states"] == 3 * (32 + 2) * 32 * hidden
 
 
 def test_the_issue_shapes_plan_offline_from_their_yaml(tmp_path):

@@ -778,21 +778,34 @@ def _host_items(linears: list[LinearPlan], weights: int, pruner: Any, mode: str,
     return out
 
 
-def _eval_window_count(datamodule: Any) -> int | None:
-    """How many windows the text data module ``datamodule`` (its config) evaluates, or ``None`` if it does not say."""
-    get = datamodule.get
-    if get("held_out") is not None:  # the mixture: every held-out domain, then every source's tail
-        n = len(get("held_out")) * int(get("held_out_windows", 16))
-        return n + len(get("sources") or ()) * int(get("eval_windows", 8) or 0)
-    if get("eval_windows") is None:
+def _datamodule_settings(datamodule: Any) -> dict[str, Any]:
+    """A data module config's keys over its class's own defaults: what the data module will be built with."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    params = inspect.signature(get_object(str(datamodule["_target_"]))).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **OmegaConf.to_container(datamodule, resolve=True)}
+
+
+def _eval_window_count(settings: Mapping[str, Any]) -> int | None:
+    """How many windows a text data module built with ``settings`` (:func:`_datamodule_settings`) evaluates, or
+    ``None`` for every window of its split (``eval_windows: null``)."""
+    if "held_out" in settings:  # the mixture: every held-out domain, then every source's tail
+        return (len(settings["held_out"]) * int(settings["held_out_windows"])
+                + len(settings["sources"]) * int(settings["eval_windows"] or 0))
+    if settings.get("eval_windows") is None:
         return None
-    return int(get("eval_windows")) + (int(get("second_domain_windows", 0) or 0) if get("second_domain") else 0)
+    second = int(settings.get("second_domain_windows") or 0) if settings.get("second_domain") else 0
+    return int(settings["eval_windows"]) + second
 
 
 def _stream_caches(cfg: DictConfig, pruner: Any, per_token: int) -> list[Item]:
     """``learning.stream=true``'s host caches besides the learning windows: the calibration windows' and every
     evaluated phase's hidden states, advanced block by block (``per_token``: bytes of one token's hidden state)."""
-    seq_len = int(cfg.dataset.datamodule.get("seq_len") or 0)
+    settings = _datamodule_settings(cfg.dataset.datamodule)
+    seq_len = int(settings.get("seq_len") or 0)
     pruned = 1 + bool(cfg.eval.get("identity_baseline", True))
     phases = pruned + bool(cfg.eval.get("dense_baseline", True))
     out = []
@@ -802,7 +815,7 @@ def _stream_caches(cfg: DictConfig, pruner: Any, per_token: int) -> list[Item]:
         out.append(Item("calibration windows' hidden states", copies * samples * seq_len * per_token, "estimate",
                         f"{samples} windows x {seq_len} tokens x {format_bytes(per_token)}, x {copies} "
                         "(one copy, or one per pruned phase with calibration.sequential)"))
-    windows = _eval_window_count(cfg.dataset.datamodule)
+    windows = _eval_window_count(settings)
     if windows is None:
         out.append(Item("evaluation hidden states", 0, "unknown",
                         f"dataset={cfg.dataset.name} evaluates every window of its split (eval_windows: null), "
