@@ -315,6 +315,19 @@ def test_a_streamed_run_writes_the_in_memory_runs_results(saved, tmp_path):
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed" / "pruned").state_dict()
     for key, value in pruned.items():
         assert torch.equal(written[key], value), key
+    # the streamed run reads back and exports like the in-memory one, from its pruned/ folder
+    from permsparse.export.export import SIDECAR
+    from permsparse.runs import export_run, load_run
+
+    want_state = load_run(tmp_path / "memory").model.state_dict()
+    got_state = load_run(tmp_path / "streamed").model.state_dict()
+    assert want_state.keys() == got_state.keys()
+    assert all(torch.equal(want_state[k], got_state[k]) for k in want_state)
+    exported = export_run(tmp_path / "streamed")
+    assert (exported / SIDECAR).is_file()
+    (tmp_path / "streamed" / "pruned").rename(tmp_path / "streamed" / "moved")
+    with pytest.raises(FileNotFoundError, match="streamed run's pruned checkpoint folder"):
+        load_run(tmp_path / "streamed")
 
 
 @pytest.mark.parametrize(("overrides", "match"), [

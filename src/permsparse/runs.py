@@ -6,6 +6,7 @@ Format (docs/run-format.md)::
       results.json            RunRecord: config, versions, seed, protocol, metrics, efficacy, learning, timings
       perms.pt                {group name: (d_in,) long tensor}: the permutation of every binding group
       pruned.safetensors      the pruned model in original channel order (masked weights), when save_pruned
+      pruned/                 instead, in a streamed run (learning.stream=true): the same as a sharded checkpoint
       checkpoints/last.ckpt   the permutation training's last checkpoint (learned methods; resume=<run dir>)
       export/                 written later by ``python -m permsparse.export <run dir>``
 
@@ -183,7 +184,7 @@ class LoadedRun:
         if self.weights == "pruned":
             from permsparse.export import load_pruned_state
 
-            load_pruned_state(model, self.dir)
+            load_pruned_state(model, self.dir, _streamed_pruned(self.record))
         if self.record.skipped:  # prune.skip_indivisible: the run left these groups dense, so does every reader
             from permsparse.models.binding import leave_dense
 
@@ -222,10 +223,24 @@ def load_run(run_dir: str | Path, weights: str = "pruned") -> LoadedRun:
     run_dir = Path(run_dir)
     if not (run_dir / RESULTS).is_file():
         raise FileNotFoundError(f"{run_dir} has no {RESULTS}: not a permsparse run folder")
-    if weights == "pruned" and not (run_dir / PRUNED).is_file():
+    record = RunRecord.read(run_dir)
+    folder = _streamed_pruned(record)
+    if weights == "pruned" and folder is not None:
+        if not (run_dir / folder).is_dir():
+            raise FileNotFoundError(f"{run_dir / folder} is missing: the streamed run's pruned checkpoint folder "
+                                    "is needed; re-run it to export")
+    elif weights == "pruned" and not (run_dir / PRUNED).is_file():
         raise FileNotFoundError(f"{run_dir / PRUNED} is missing: the run was made with save_pruned=false or "
                                 "before export support; re-run it to export")
-    return LoadedRun(run_dir, RunRecord.read(run_dir), weights)
+    return LoadedRun(run_dir, record, weights)
+
+
+def _streamed_pruned(record: RunRecord) -> str | None:
+    """A streamed run's pruned checkpoint folder (``learning.stream.pruned_dir``, relative to the run folder), or
+    ``None`` for a run that wrote ``pruned.safetensors`` (or nothing)."""
+    if record.pruned_file is not None:
+        return None
+    return ((record.learning or {}).get("stream") or {}).get("pruned_dir")
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, require_foldable: bool = False,

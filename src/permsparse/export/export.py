@@ -518,8 +518,15 @@ def save_pruned_state(model: nn.Module, run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_pruned_state(model: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
-    """Load ``<run_dir>/pruned.safetensors`` into ``model`` (strict); a clear error for runs made before export."""
+def load_pruned_state(model: nn.Module, run_dir: str | os.PathLike, folder: str | None = None) -> nn.Module:
+    """Load ``<run_dir>/pruned.safetensors`` into ``model`` (strict); a clear error for runs made before export.
+
+    ``folder``: the run wrote its pruned model as a sharded checkpoint folder instead (a streamed run's
+    ``pruned/``, :class:`permsparse.streaming.PrunedCheckpoint`): every shard its index names is loaded, and only
+    a tied tensor (one that shares its storage with a loaded one, e.g. a tied head) may be absent.
+    """
+    if folder is not None:
+        return _load_pruned_folder(model, Path(run_dir) / folder)
     from safetensors.torch import load_model
 
     path = Path(run_dir) / PRUNED_STATE
@@ -530,4 +537,31 @@ def load_pruned_state(model: nn.Module, run_dir: str | os.PathLike) -> nn.Module
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the rebuilt model (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
+    return model
+
+
+def _load_pruned_folder(model: nn.Module, folder: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} is missing: {folder} is not a sharded pruned checkpoint (re-run to export)")
+    shards = sorted(set(read_json(index)["weight_map"].values()))
+    missing_shards = [s for s in shards if not (folder / s).is_file()]
+    if missing_shards:
+        raise FileNotFoundError(f"{folder}: shards {missing_shards[:3]} named by its index are missing")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(folder / shard))
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    loaded_storage = {own[k].untyped_storage().data_ptr() for k in state if k in own}
+    missing = sorted(k for k in set(own) - set(state) if own[k].untyped_storage().data_ptr() not in loaded_storage)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    with torch.no_grad():
+        for name, value in state.items():
+            if own[name].shape != value.shape:
+                raise ValueError(f"{folder}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
+            own[name].copy_(value)
     return model
