@@ -3,7 +3,8 @@
 The exact rows (weights, scores, masks, costs, gradients, optimiser states, workspaces, Sinkhorn intermediates) must
 equal the bytes of the run's own tensors; what autograd saves in one step (masked weights and activations) must
 agree with the meta-device trace to within 0.1 %, and the teacher's capture exactly. Peak memory end to end is
-``scripts/bench_plan.py``'s job: CPU RSS is too noisy to test.
+checked against the exact peak of torch's CPU allocator during the steps (``StepMeter(allocations=True)``, the
+profiler's allocation events); CPU RSS is too noisy to test.
 """
 
 from __future__ import annotations
@@ -151,6 +152,36 @@ def test_train_stops_with_the_table_before_loading_weights(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="does not fit the device memory") as err:
         train(compose_cfg([*TINY_LM, "perm=learned", "plan.device_memory=1MB"], tmp_path))
     assert "DOES NOT FIT" in str(err.value) and "masks" in str(err.value) and "activations" in str(err.value)
+
+
+def test_the_allocation_peak_counts_only_inside_the_marked_steps():
+    from permsparse.measure import _STEP_BEGIN, _STEP_END, allocation_peak
+
+    mib = 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = torch.empty(3 * mib, dtype=torch.uint8)  # before the step: raises the level, not a peak of its own
+        with torch.profiler.record_function(_STEP_BEGIN):
+            pass
+        transient = torch.empty(mib, dtype=torch.uint8)
+        del transient
+        with torch.profiler.record_function(_STEP_END):
+            pass
+        after = torch.empty(10 * mib, dtype=torch.uint8)  # after the step: not counted
+        del after
+    assert allocation_peak(prof) == 4 * mib
+    del kept
+
+
+@pytest.mark.parametrize("overrides", [[], ["learning.mode=block"]], ids=["e2e", "block"])
+def test_the_planned_total_is_within_15_percent_of_the_measured_peak(tmp_path, overrides):
+    from permsparse.measure import MEASURED_RUN, StepMeter
+
+    cfg = compose_cfg([*TINY_LM, *MEASURED_RUN, "learning.max_steps=3", *overrides], tmp_path)
+    plan = plan_run(cfg)
+    with StepMeter(allocations=True) as meter:
+        train(cfg)
+    assert len(meter.steps) == (3 if not overrides else 6)  # two blocks of three steps block-local
+    assert meter.alloc_peak == pytest.approx(plan.total, rel=0.15)
 
 
 def test_block_mode_plans_one_block_on_the_device_and_the_cache_on_the_host(tmp_path):

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MEASURED_RUN", "rss", "peak_rss", "reset_peak_rss", "trim_heap", "storage_bytes", "learned_tensors", "device_tensors",
+__all__ = ["MEASURED_RUN", "allocation_peak", "rss", "peak_rss", "reset_peak_rss", "trim_heap", "storage_bytes", "learned_tensors", "device_tensors",
            "Step", "Stint", "StepMeter"]
 
 #: Hydra overrides of a short measured run (``train.py``'s flow): a learned run, no baselines, no saved model, no
@@ -134,11 +134,19 @@ class Stint:
     cuda_peak: int = 0
     reset: bool = False  # CPU: whether the peak RSS could be reset at the first step
     steps: list[Step] = field(default_factory=list)
+    #: CPU with ``StepMeter(allocations=True)``: the peak of torch's allocated bytes during the steps over those
+    #: allocated at the first step's start, from the profiler's allocation events (None: not measured)
+    alloc_growth: int | None = None
 
     @property
     def peak(self) -> int:
         """The stint's peak memory on its device (CUDA: allocated; CPU: resident tensors + peak RSS growth)."""
         return self.cuda_peak if self.cuda_peak else self.resident + self.growth
+
+    @property
+    def alloc_peak(self) -> int | None:
+        """CPU, ``allocations=True``: resident tensors + the allocator's peak growth (exact, unlike the RSS)."""
+        return None if self.alloc_growth is None else self.resident + self.alloc_growth
 
 
 class StepMeter:
@@ -146,13 +154,19 @@ class StepMeter:
 
     ``cuda``: the steps run on a CUDA device (synchronised around each step; the peak is ``max_memory_allocated``).
     ``resident``: the tensors counted as resident on a CPU "device" at a stint's first step (:func:`device_tensors`
-    by default). After the block, :attr:`stints` holds one :class:`Stint` per trained
+    by default). ``allocations`` (CPU): also follow every allocation and free of torch's CPU allocator during each
+    step through ``torch.profiler`` (``profile_memory``), which gives the exact peak of allocated tensor bytes
+    (:attr:`Stint.alloc_peak`) beside the RSS estimate; it slows the steps, so time nothing with it. Allocations
+    between two steps (the next batch) are not followed. After the block, :attr:`stints` holds one :class:`Stint` per trained
     :class:`~permsparse.permutation.learned.LearnedPermutations`.
     """
 
-    def __init__(self, cuda: bool = False, resident: Callable[[Any], list[Tensor]] = device_tensors) -> None:
+    def __init__(self, cuda: bool = False, resident: Callable[[Any], list[Tensor]] = device_tensors,
+                 allocations: bool = False) -> None:
         self.cuda = cuda
         self.resident = resident
+        self.allocations = allocations and not cuda
+        self._profiler: Any = None
         self.stints: list[Stint] = []
         self._learned: Any = lambda: None  # a weak reference: the meter must not keep a finished block's state alive
         self._start: float | None = None
@@ -173,6 +187,12 @@ class StepMeter:
         """The largest stint peak (block-local: the largest block's)."""
         return max((s.peak for s in self.stints), default=0)
 
+    @property
+    def alloc_peak(self) -> int | None:
+        """The largest stint's :attr:`Stint.alloc_peak` (``None`` unless measured with ``allocations=True``)."""
+        peaks = [s.alloc_peak for s in self.stints if s.alloc_peak is not None]
+        return max(peaks) if peaks else None
+
     # -- hooks ---------------------------------------------------------------------------------------
     def _sync(self) -> None:
         if self.cuda:
@@ -180,6 +200,7 @@ class StepMeter:
 
     def _begin(self, learned: Any) -> None:
         if learned is not self._learned():  # a new stint: its memory from here
+            self._close_profile()
             self._learned = weakref.ref(learned)
             stint = Stint()
             self.stints.append(stint)
@@ -191,7 +212,13 @@ class StepMeter:
                 stint.resident = storage_bytes(self.resident(learned))
                 stint.reset = reset_peak_rss()
                 stint.baseline_rss = rss()
+                if self.allocations:
+                    self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                            profile_memory=True)
+                    self._profiler.__enter__()
         self._sync()
+        if self._profiler is not None:
+            torch.profiler.record_function(_STEP_BEGIN).__enter__().__exit__(None, None, None)
         self._start = time.perf_counter()
 
     def _end(self, *_: Any) -> None:
@@ -206,6 +233,8 @@ class StepMeter:
             stint.cuda_peak = max(stint.cuda_peak, torch.cuda.max_memory_allocated())
         else:
             stint.growth = max(stint.growth, peak_rss() - stint.baseline_rss)
+        if self._profiler is not None:
+            torch.profiler.record_function(_STEP_END).__enter__().__exit__(None, None, None)
 
     def __enter__(self) -> StepMeter:
         from permsparse.permutation.learned import LearnedPermutation
@@ -229,5 +258,49 @@ class StepMeter:
         self._stack.callback(handle.remove)
         return self
 
+    def _close_profile(self) -> None:
+        """Stop the current stint's profiler and set its :attr:`Stint.alloc_growth`."""
+        if self._profiler is None:
+            return
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        self.stints[-1].alloc_growth = allocation_peak(profiler)
+
     def __exit__(self, *exc: Any) -> None:
+        self._close_profile()
         self._stack.close()
+
+
+_STEP_BEGIN, _STEP_END = "permsparse.measure.step_begin", "permsparse.measure.step_end"
+
+
+def allocation_peak(profiler: Any, begin: str = _STEP_BEGIN, end: str = _STEP_END) -> int:
+    """The highest level of torch's allocated CPU bytes, relative to the profile's start, inside the windows that
+    ``record_function(begin)`` / ``record_function(end)`` marks open and close in a finished
+    ``torch.profiler.profile(profile_memory=True)`` (no marks: over the whole profile). The level is the running
+    sum of the profile's allocation events in time order; the profiler does not report frees of tensors allocated
+    before it started, so those never lower it (an upper bound where such tensors are freed)."""
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int, int]] = []  # (time, order: marks first, bytes or 0 / +1 open / -1 close)
+    stack = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, 1, int(node.extra_fields.alloc_size)))
+        elif node.name in (begin, end):
+            events.append((node.start_time_ns, 0, 1 if node.name == begin else -1))
+        stack.extend(node.children)
+    marked = any(order == 0 for _, order, _ in events)
+    level = high = 0
+    inside = not marked
+    for _, order, value in sorted(events):
+        if order == 0:
+            inside = value > 0
+            if inside:
+                high = max(high, level)
+            continue
+        level += value
+        if inside:
+            high = max(high, level)
+    return high
