@@ -4,8 +4,10 @@
 Reads every ``results.json`` below the folders whose run validated on one mixture source
 (``dataset.datamodule.validation_source``, ``experiment=loso``), groups the runs by setting (their overrides
 without the fold), and prints one row per setting: its best validation loss on every fold and their mean
-(lower is better), sorted by that mean. A setting missing a fold is listed but not ranked. ``--csv`` writes the
-table too. Perplexities on held-out domains are deliberately not shown: they play no part in the choice.
+(lower is better), sorted by that mean. A setting missing a fold is listed but not ranked. The seed is not part of
+a setting: runs of one setting with other seeds (``seed=1``) are pooled, each fold's loss is their mean, and two more
+columns say how many seeds covered every fold and, with two or more, the standard deviation of the per-seed means
+over the folds (how far one seed's verdict can be trusted). ``--csv`` writes the table too. Perplexities on held-out domains are deliberately not shown: they play no part in the choice.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import load_runs, variant  # noqa: E402
 
 FOLD_KEY = "dataset.datamodule.validation_source="
-_NOT_A_SETTING = ("experiment=",)
+_NOT_A_SETTING = ("experiment=", "seed=")
 
 
 def setting_of(run: dict) -> str:
@@ -48,13 +51,30 @@ def collect(runs: list[dict]) -> tuple[dict[str, dict[str, dict]], list[str]]:
     return {s: {f: sum(v) / len(v) for f, v in by_fold.items()} for s, by_fold in table.items()}, folds
 
 
-def rank(table: dict[str, dict[str, float]], folds: list[str]) -> list[dict]:
+def seed_means(runs: list[dict], folds: list[str]) -> dict[str, dict[int, float]]:
+    """``{setting: {seed: mean best validation loss over the folds}}`` for every seed that has a run on each fold."""
+    by: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for run in runs:
+        fold, learning = fold_of(run), run.get("learning") or {}
+        if fold is None or "best_val_loss" not in learning:
+            continue
+        by.setdefault(setting_of(run), {}).setdefault(int(run.get("seed", 0)), {}).setdefault(fold, []).append(
+            float(learning["best_val_loss"]))
+    return {setting: {seed: sum(sum(v[f]) / len(v[f]) for f in folds) / len(folds)
+                      for seed, v in seeds.items() if all(f in v for f in folds)}
+            for setting, seeds in by.items()}
+
+
+def rank(table: dict[str, dict[str, float]], folds: list[str],
+         seeds: dict[str, dict[int, float]] | None = None) -> list[dict]:
     rows = []
     for setting, by_fold in table.items():
         complete = all(f in by_fold for f in folds)
         mean = sum(by_fold[f] for f in folds) / len(folds) if complete else math.nan
+        per_seed = list((seeds or {}).get(setting, {}).values())
+        sd = statistics.stdev(per_seed) if len(per_seed) > 1 else math.nan
         rows.append({"setting": setting, **{f: by_fold.get(f, math.nan) for f in folds}, "mean": mean,
-                     "complete": complete})
+                     "seeds": len(per_seed), "seed_sd": sd, "complete": complete})
     rows.sort(key=lambda r: (not r["complete"], r["mean"] if r["complete"] else 0.0, r["setting"]))
     return rows
 
@@ -75,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no learned run with dataset.datamodule.validation_source set below those folders "
               "(run: python train.py -m experiment=loso ...)", file=sys.stderr)
         return 2
-    rows = rank(table, folds)
-    cols = ["setting", *folds, "mean"]
-    widths = {c: max(len(c), *(len(r[c] if c == "setting" else f"{r[c]:.4f}") for r in rows)) for c in cols}
-    print("best validation loss per leave-one-source-out fold (lower is better)")
+    rows = rank(table, folds, seed_means(runs, folds))
+    cols = ["setting", *folds, "mean", "seeds", "seed_sd"]
+
+    def cell(r: dict, c: str) -> str:
+        return r[c] if c == "setting" else str(r[c]) if c == "seeds" else f"{r[c]:.4f}"
+
+    widths = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in cols}
+    print("best validation loss per leave-one-source-out fold (lower is better; seeds pooled)")
     print("  ".join(c.ljust(widths[c]) if c == "setting" else c.rjust(widths[c]) for c in cols))
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) if c == "setting" else f"{r[c]:.4f}".rjust(widths[c]) for c in cols))
+        print("  ".join(cell(r, c).ljust(widths[c]) if c == "setting" else cell(r, c).rjust(widths[c]) for c in cols))
     best = rows[0]
     if best["complete"]:
         print(f"\nchosen: {best['setting']} (mean {best['mean']:.4f} over {len(folds)} folds)")

@@ -111,23 +111,31 @@ def test_fold_runs_skip_the_baselines_and_select_setting_ranks_settings_by_mean_
             "dataset.datamodule.held_out=[kjv]", "dataset.datamodule.seq_len=32", "dataset.datamodule.eval_windows=2",
             "dataset.datamodule.held_out_windows=2", "perm.method.groups=2", "eval.dense_baseline=false",
             "eval.identity_baseline=false", "save_pruned=false"]
-    losses = {}
-    for scale in ("0.05", "1.0"):
+    losses, by_seed = {}, {}
+    for scale, seed in (("0.05", 0), ("1.0", 0), ("1.0", 1)):  # a second seed of one setting is pooled with the first
         for fold in ("shakespeare", "pydoc"):
-            out = tmp_path / f"s{scale}_{fold}"
-            own = [f"perm.method.init_scale={scale}", f"dataset.datamodule.validation_source={fold}"]
+            out = tmp_path / f"s{scale}_{fold}_seed{seed}"
+            own = [f"perm.method.init_scale={scale}", f"dataset.datamodule.validation_source={fold}",
+                   *([f"seed={seed}"] if seed else [])]
             results = train(compose_cfg([*base, *own], out))
             assert set(results["metrics"]) == {"pruned"}  # no dense, no identity evaluation
             assert results["protocol"]["validation_source"] == fold
-            losses[(scale, fold)] = results["learning"]["best_val_loss"]
+            losses.setdefault((scale, fold), []).append(results["learning"]["best_val_loss"])
+            by_seed.setdefault((scale, seed), []).append(results["learning"]["best_val_loss"])
             (out / ".hydra").mkdir()  # what Hydra writes for a command-line run: its overrides
             (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in ["experiment=loso", *own]))
-    table, folds = select_setting.collect(select_setting.load_runs(tmp_path))
+    runs = select_setting.load_runs(tmp_path)
+    table, folds = select_setting.collect(runs)
     assert sorted(folds) == ["pydoc", "shakespeare"]
     assert sorted(table) == ["perm.method.init_scale=0.05", "perm.method.init_scale=1.0"]
-    rows = select_setting.rank(table, folds)
-    expected = sorted(((losses[(s, "shakespeare")] + losses[(s, "pydoc")]) / 2, s) for s in ("0.05", "1.0"))
+    rows = select_setting.rank(table, folds, select_setting.seed_means(runs, folds))
+    mean = {s: sum(sum(losses[(s, f)]) / len(losses[(s, f)]) for f in ("shakespeare", "pydoc")) / 2 for s in ("0.05", "1.0")}
+    expected = sorted((m, s) for s, m in mean.items())
     assert [(r["mean"], r["setting"]) for r in rows] == [
         (pytest.approx(m), f"perm.method.init_scale={s}") for m, s in expected]
+    pooled = next(r for r in rows if r["setting"] == "perm.method.init_scale=1.0")
+    seed_means = [sum(by_seed[("1.0", seed)]) / 2 for seed in (0, 1)]
+    assert pooled["seeds"] == 2 and pooled["seed_sd"] == pytest.approx(abs(seed_means[0] - seed_means[1]) / 2 ** 0.5)
+    assert next(r for r in rows if r["setting"] == "perm.method.init_scale=0.05")["seeds"] == 1
     assert select_setting.main([str(tmp_path)]) == 0
     assert f"chosen: perm.method.init_scale={expected[0][1]}" in capsys.readouterr().out
