@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,57 @@ def test_compare_logs_its_table_and_plot_to_an_offline_wandb_run(tmp_path, monke
     col = rows[0].index("top1")
     assert [r[col] for r in table["data"]] == [float(r[col]) for r in rows[1:]]  # numbers, so W&B can plot them
     assert list(run_dirs[0].glob("files/media/images/plots/compare_*.png"))
+
+
+def _seeds_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import seeds
+
+    return seeds
+
+
+def _overrides(run_dir: Path, *words: str) -> None:
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {w}\n" for w in words))
+
+
+def test_seeds_pools_a_setting_over_seeds_and_measures_its_lead_over_the_best_heuristic(tmp_path, capsys):
+    seeds = _seeds_module()
+    top1 = {"ria": [80.0, 81.0, 82.0], "greedy": [81.0, 82.5, 81.5], "learned": [82.0, 83.0, 84.0],
+            "none": [70.0, 71.0, 72.0]}
+    for perm, values in top1.items():
+        for seed, value in enumerate(values):
+            history = [{"step": 1, "val_loss": 0.5 - 0.01 * seed}] if perm == "learned" else None
+            run = _write(tmp_path / "sweep", f"{perm}_{seed}", "vit_fmnist", "wanda", perm, seed,
+                         pruned={"top1": value}, history=history)
+            _overrides(run, "experiment=vit_fmnist", f"perm={perm}", f"seed={seed}")
+    rows, metric, reference = seeds.table(seeds.collect(seeds.load_runs(tmp_path)))
+    assert metric == "top1" and reference == "greedy"  # best mean among ria (81.0) and greedy (81.67); none skipped
+    by = {r["setting"]: r for r in rows}
+    assert [r["setting"] for r in rows] == ["learned", "greedy", "ria", "none"]
+    assert by["learned"]["top1"]["mean"] == pytest.approx(83.0) and by["learned"]["top1"]["sd"] == pytest.approx(1.0)
+    assert by["learned"]["val_loss"] == pytest.approx(0.49)
+    assert by["greedy"]["lead"] is None and math.isnan(by["ria"]["val_loss"])
+    lead = by["learned"]["lead"]
+    se_l, se_g = 1.0 / math.sqrt(3), statistics.stdev(top1["greedy"]) / math.sqrt(3)
+    assert lead["diff"] == pytest.approx(83.0 - sum(top1["greedy"]) / 3)
+    assert lead["unpaired_z"] == pytest.approx(lead["diff"] / math.sqrt(se_l ** 2 + se_g ** 2))
+    diffs = [a - b for a, b in zip(top1["learned"], top1["greedy"])]  # 1.0, 0.5, 2.5
+    assert lead["paired_z"] == pytest.approx(statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(3)))
+    assert seeds.main([str(tmp_path), "--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "lead on top1 over 'greedy'" in out and "over 2 seeds" in out
+
+
+def test_seeds_splits_one_setting_run_twice_per_seed_by_its_folder_and_ranks_perplexity_lower_first(tmp_path):
+    seeds = _seeds_module()
+    for sweep, ppl in (("old", 90.0), ("new", 80.0)):  # the same command before and after a default changed
+        for seed in (0, 1):
+            run = _write(tmp_path / sweep, f"learned_{seed}", "smollm2", "wanda", "learned", seed,
+                         pruned={"ppl_pydoc": ppl + seed}, history=[{"step": 1, "val_loss": 4.0}])
+            _overrides(run, "dataset=mixture", f"seed={seed}")
+    groups = seeds.collect(seeds.load_runs(tmp_path))
+    assert sorted(groups) == ["learned [new]", "learned [old]"]
+    rows, metric, reference = seeds.table(groups)
+    assert metric == "ppl_pydoc" and reference is None  # no heuristic to compare against
+    assert [r["setting"] for r in rows] == ["learned [new]", "learned [old]"]  # lower perplexity first
