@@ -49,10 +49,10 @@ def collect(runs: list[dict], seeds: set[int] | None = None) -> dict[str, dict[i
     common = set.intersection(*(set(n[1:]) for n in names)) if names else set()
     named = [" ".join(w for w in n if w not in common) for n in names]
     clash = {name for name in named
-             if len([r for r, n in zip(runs, named) if n == name]) >
-             len({int(r.get("seed", 0)) for r, n in zip(runs, named) if n == name})}
+             if len([r for r, n in zip(runs, named, strict=True) if n == name]) >
+             len({int(r.get("seed", 0)) for r, n in zip(runs, named, strict=True) if n == name})}
     out: dict[str, dict[int, dict]] = {}
-    for run, name in zip(runs, named):
+    for run, name in zip(runs, named, strict=True):
         if name in clash:
             name = f"{name} [{Path(run['_path']).parent.name}]"
         out.setdefault(name, {})[int(run.get("seed", 0))] = run

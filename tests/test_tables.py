@@ -342,7 +342,7 @@ def test_seeds_pools_a_setting_over_seeds_and_measures_its_lead_over_the_best_he
     se_l, se_g = 1.0 / math.sqrt(3), statistics.stdev(top1["greedy"]) / math.sqrt(3)
     assert lead["diff"] == pytest.approx(83.0 - sum(top1["greedy"]) / 3)
     assert lead["unpaired_z"] == pytest.approx(lead["diff"] / math.sqrt(se_l ** 2 + se_g ** 2))
-    diffs = [a - b for a, b in zip(top1["learned"], top1["greedy"])]  # 1.0, 0.5, 2.5
+    diffs = [a - b for a, b in zip(top1["learned"], top1["greedy"], strict=True)]  # 1.0, 0.5, 2.5
     assert lead["paired_z"] == pytest.approx(statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(3)))
     assert seeds.main([str(tmp_path), "--seeds", "0,1"]) == 0
     out = capsys.readouterr().out
