@@ -17,7 +17,7 @@ from pathlib import Path
 
 from permsparse.tables import gap_closed, main_metric, mean_sem, phase_metrics
 
-__all__ = ["load_runs", "variant", "build_rows", "print_table", "plot", "main", "gap_closed", "main_metric"]
+__all__ = ["load_runs", "load_folders", "variant", "build_rows", "print_table", "plot", "main", "gap_closed", "main_metric"]
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -25,6 +25,17 @@ def load_runs(root: Path) -> list[dict]:
     from permsparse.runs import RunRecord, find_runs
 
     return [{**RunRecord.read(run_dir).to_dict(), "_path": str(run_dir)} for run_dir in find_runs(root)]
+
+
+def load_folders(folders: list[Path]) -> list[dict] | None:
+    """:func:`load_runs` of every folder, in order; ``None`` (after an error line on stderr) if one is not a folder."""
+    runs: list[dict] = []
+    for folder in folders:
+        if not folder.is_dir():
+            print(f"error: {folder} is not a folder", file=sys.stderr)
+            return None
+        runs += load_runs(folder)
+    return runs
 
 
 _NOT_A_VARIANT = ("hydra.", "progress=", "resume=", "logger=", "save_pruned=", "-m", "--multirun")

@@ -24,10 +24,11 @@ import csv
 import math
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import load_runs, variant  # noqa: E402
+from compare import load_folders, variant  # noqa: E402
 
 from permsparse.tables import main_metric  # noqa: E402
 
@@ -48,9 +49,8 @@ def collect(runs: list[dict], seeds: set[int] | None = None) -> dict[str, dict[i
     names = [setting_of(r).split() for r in runs]
     common = set.intersection(*(set(n[1:]) for n in names)) if names else set()
     named = [" ".join(w for w in n if w not in common) for n in names]
-    clash = {name for name in named
-             if len([r for r, n in zip(runs, named, strict=True) if n == name]) >
-             len({int(r.get("seed", 0)) for r, n in zip(runs, named, strict=True) if n == name})}
+    per_seed = Counter((n, int(r.get("seed", 0))) for r, n in zip(runs, named, strict=True))
+    clash = {name for (name, _), count in per_seed.items() if count > 1}
     out: dict[str, dict[int, dict]] = {}
     for run, name in zip(runs, named, strict=True):
         if name in clash:
@@ -152,12 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: all)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    runs = []
-    for folder in args.folders:
-        if not folder.is_dir():
-            print(f"error: {folder} is not a folder", file=sys.stderr)
-            return 2
-        runs += load_runs(folder)
+    runs = load_folders(args.folders)
+    if runs is None:
+        return 2
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
     rows, metric, reference = table(collect(runs, seeds), args.metric, args.reference)
     print_table(rows, metric, reference)

@@ -17,10 +17,11 @@ import csv
 import math
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import load_runs, variant  # noqa: E402
+from compare import load_folders, variant  # noqa: E402
 
 FOLD_KEY = "dataset.datamodule.validation_source="
 _NOT_A_SETTING = ("experiment=", "seed=")
@@ -36,30 +37,31 @@ def fold_of(run: dict) -> str | None:
     return (run.get("protocol") or {}).get("validation_source")
 
 
+def fold_losses(runs: list[dict]) -> Iterator[tuple[str, str, int, float]]:
+    """``(setting, fold, seed, best validation loss)`` of every learned fold run."""
+    for run in runs:
+        fold, learning = fold_of(run), run.get("learning") or {}
+        if fold is not None and "best_val_loss" in learning:
+            yield setting_of(run), fold, int(run.get("seed", 0)), float(learning["best_val_loss"])
+
+
 def collect(runs: list[dict]) -> tuple[dict[str, dict[str, dict]], list[str]]:
-    """``{setting: {fold: {"val_loss", "seed", "path"}}}`` and the folds seen, in first-seen order. Two runs of one
+    """``{setting: {fold: best validation loss}}`` and the folds seen, in first-seen order. Two runs of one
     setting on one fold (e.g. two seeds) are averaged."""
     table: dict[str, dict[str, list[float]]] = {}
     folds: list[str] = []
-    for run in runs:
-        fold, learning = fold_of(run), run.get("learning") or {}
-        if fold is None or "best_val_loss" not in learning:
-            continue
+    for setting, fold, _, loss in fold_losses(runs):
         if fold not in folds:
             folds.append(fold)
-        table.setdefault(setting_of(run), {}).setdefault(fold, []).append(float(learning["best_val_loss"]))
+        table.setdefault(setting, {}).setdefault(fold, []).append(loss)
     return {s: {f: sum(v) / len(v) for f, v in by_fold.items()} for s, by_fold in table.items()}, folds
 
 
 def seed_means(runs: list[dict], folds: list[str]) -> dict[str, dict[int, float]]:
     """``{setting: {seed: mean best validation loss over the folds}}`` for every seed that has a run on each fold."""
     by: dict[str, dict[int, dict[str, list[float]]]] = {}
-    for run in runs:
-        fold, learning = fold_of(run), run.get("learning") or {}
-        if fold is None or "best_val_loss" not in learning:
-            continue
-        by.setdefault(setting_of(run), {}).setdefault(int(run.get("seed", 0)), {}).setdefault(fold, []).append(
-            float(learning["best_val_loss"]))
+    for setting, fold, seed, loss in fold_losses(runs):
+        by.setdefault(setting, {}).setdefault(seed, {}).setdefault(fold, []).append(loss)
     return {setting: {seed: sum(sum(v[f]) / len(v[f]) for f in folds) / len(folds)
                       for seed, v in seeds.items() if all(f in v for f in folds)}
             for setting, seeds in by.items()}
@@ -84,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", type=Path, nargs="+", help="folders with fold runs (experiment=loso multiruns)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
-    runs = []
-    for folder in args.folders:
-        if not folder.is_dir():
-            print(f"error: {folder} is not a folder", file=sys.stderr)
-            return 2
-        runs += load_runs(folder)
+    runs = load_folders(args.folders)
+    if runs is None:
+        return 2
     table, folds = collect(runs)
     if not table:
         print("error: no learned run with dataset.datamodule.validation_source set below those folders "

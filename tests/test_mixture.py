@@ -124,7 +124,7 @@ def test_fold_runs_skip_the_baselines_and_select_setting_ranks_settings_by_mean_
             by_seed.setdefault((scale, seed), []).append(results["learning"]["best_val_loss"])
             (out / ".hydra").mkdir()  # what Hydra writes for a command-line run: its overrides
             (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in ["experiment=loso", *own]))
-    runs = select_setting.load_runs(tmp_path)
+    runs = select_setting.load_folders([tmp_path])
     table, folds = select_setting.collect(runs)
     assert sorted(folds) == ["pydoc", "shakespeare"]
     assert sorted(table) == ["perm.method.init_scale=0.05", "perm.method.init_scale=1.0"]

@@ -331,7 +331,7 @@ def test_seeds_pools_a_setting_over_seeds_and_measures_its_lead_over_the_best_he
             run = _write(tmp_path / "sweep", f"{perm}_{seed}", "vit_fmnist", "wanda", perm, seed,
                          pruned={"top1": value}, history=history)
             _overrides(run, "experiment=vit_fmnist", f"perm={perm}", f"seed={seed}")
-    rows, metric, reference = seeds.table(seeds.collect(seeds.load_runs(tmp_path)))
+    rows, metric, reference = seeds.table(seeds.collect(seeds.load_folders([tmp_path])))
     assert metric == "top1" and reference == "greedy"  # best mean among ria (81.0) and greedy (81.67); none skipped
     by = {r["setting"]: r for r in rows}
     assert [r["setting"] for r in rows] == ["learned", "greedy", "ria", "none"]
@@ -356,7 +356,7 @@ def test_seeds_splits_one_setting_run_twice_per_seed_by_its_folder_and_ranks_per
             run = _write(tmp_path / sweep, f"learned_{seed}", "smollm2", "wanda", "learned", seed,
                          pruned={"ppl_pydoc": ppl + seed}, history=[{"step": 1, "val_loss": 4.0}])
             _overrides(run, "dataset=mixture", f"seed={seed}")
-    groups = seeds.collect(seeds.load_runs(tmp_path))
+    groups = seeds.collect(seeds.load_folders([tmp_path]))
     assert sorted(groups) == ["learned [new]", "learned [old]"]
     rows, metric, reference = seeds.table(groups)
     assert metric == "ppl_pydoc" and reference is None  # no heuristic to compare against

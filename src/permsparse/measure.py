@@ -156,8 +156,9 @@ class StepMeter:
     ``resident``: the tensors counted as resident on a CPU "device" at a stint's first step (:func:`device_tensors`
     by default). ``allocations`` (CPU): also follow every allocation and free of torch's CPU allocator during each
     step through ``torch.profiler`` (``profile_memory``), which gives the exact peak of allocated tensor bytes
-    (:attr:`Stint.alloc_peak`) beside the RSS estimate; it slows the steps, so time nothing with it. Allocations
-    between two steps (the next batch) are not followed. After the block, :attr:`stints` holds one :class:`Stint` per trained
+    (:attr:`Stint.alloc_peak`) beside the RSS estimate; it slows the steps, so time nothing with it. The profile runs
+    from a stint's first step to the next stint (or the end), so allocations between steps move the level, and only
+    the steps themselves can set the peak. After the block, :attr:`stints` holds one :class:`Stint` per trained
     :class:`~permsparse.permutation.learned.LearnedPermutations`.
     """
 

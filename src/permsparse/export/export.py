@@ -543,7 +543,9 @@ def load_pruned_state(model: nn.Module, run_dir: str | os.PathLike, folder: str 
 def _load_pruned_folder(model: nn.Module, folder: Path) -> nn.Module:
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
+    from permsparse.streaming import INDEX_FILE
+
+    index = folder / INDEX_FILE
     if not index.is_file():
         raise FileNotFoundError(f"{index} is missing: {folder} is not a sharded pruned checkpoint (re-run to export)")
     shards = sorted(set(read_json(index)["weight_map"].values()))
