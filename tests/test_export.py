@@ -31,7 +31,7 @@ from permsparse.models.tiny import tiny_llama, tiny_mistral, tiny_qwen2, tiny_vi
 from permsparse.permutation.foldable import is_foldable
 from permsparse.permutation.heads import kv_head_perms, restrict_to_heads
 from permsparse.prune import prune_model
-from permsparse.runs import export_run
+from permsparse.runs import RunRecord, export_run
 from permsparse.sparsity.nm import check_nm
 from permsparse.sparsity.pruners import MagnitudePruner
 from permsparse.utils.io import read_json
@@ -298,7 +298,9 @@ def test_python_m_export_exports_a_tiny_run_folder(tmp_path):
 
 
 def test_export_run_of_a_run_without_pruned_state_asks_for_a_rerun(tmp_path):
-    (tmp_path / "results.json").write_text('{"config": {"model": {"load": {"_target_": "x"}}, "sparsity": {}}}')
+    RunRecord(config={"model": {"load": {"_target_": "x"}}, "sparsity": {}}, model="tiny_llama", dataset="tiny_text",
+              pattern="2:4", pruner="magnitude", perm="none", seed=0, protocol={}, versions={}, command="python train.py",
+              metrics={}, efficacy={}, kept_ratio={}, perm_seconds={}, learning=None, timings={}).write(tmp_path)
     torch.save({}, tmp_path / "perms.pt")
     with pytest.raises(FileNotFoundError, match="before export support; re-run"):
         export_run(tmp_path)

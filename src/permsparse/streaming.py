@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from permsparse.block_local import BlockSettings, _by_block, _dense_copy, _fix_block, _restore
 from permsparse.data.text import next_token_nll
@@ -54,9 +55,10 @@ from permsparse.utils.io import atomic_write, atomic_write_json
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "CheckpointIndex", "StreamedModel", "PrunedCheckpoint", "StreamResult",
            "stream_block_local", "streamed_perplexity", "PHASES"]
 
-#: the two layouts of a Hugging Face safetensors checkpoint: an index and its shards, or one file
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+#: the two layouts of a Hugging Face safetensors checkpoint: an index and its shards, or one file (transformers'
+#: own names for them)
+INDEX_FILE = SAFE_WEIGHTS_INDEX_NAME
+SINGLE_FILE = SAFE_WEIGHTS_NAME
 #: what :func:`stream_block_local` can evaluate, in the order it walks them per block
 PHASES = ("dense", "pruned", "identity")
 

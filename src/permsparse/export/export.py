@@ -542,10 +542,9 @@ def load_pruned_state(model: nn.Module, run_dir: str | os.PathLike, folder: str 
 
 def _load_pruned_folder(model: nn.Module, folder: Path) -> nn.Module:
     from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-    from permsparse.streaming import INDEX_FILE
-
-    index = folder / INDEX_FILE
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
     if not index.is_file():
         raise FileNotFoundError(f"{index} is missing: {folder} is not a sharded pruned checkpoint (re-run to export)")
     shards = sorted(set(read_json(index)["weight_map"].values()))
