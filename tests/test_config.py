@@ -113,7 +113,8 @@ def test_learned_yaml_and_class_hold_the_same_knobs_and_defaults():
     fields = {f.name: f.default for f in dataclasses.fields(LearnedPermutation)}
     assert set(node) - {"_target_"} == set(fields)
     interpolated = {k for k in node if OmegaConf.is_interpolation(node, k)}
-    assert interpolated == {"foldable", "seed"}  # perm.foldable and the run's seed
+    assert interpolated == {"foldable", "base", "seed"}  # perm.foldable, perm.base and the run's seed
+    assert OmegaConf.load(CONF / "perm" / "learned.yaml").base == fields["base"]
     for key, default in fields.items():
         if key not in interpolated:
             assert node[key] == default, f"perm.method.{key}: yaml {node[key]!r} != class default {default!r}"

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from helpers.workers import run_worker
@@ -46,6 +47,7 @@ def test_ddp_equals_one_process_under_the_default_base(tmp_path):
     assert moved > 1e-2  # two steps at lr 50 moved the costs far beyond the tolerance
 
 
+@pytest.mark.slow  # ~55 s: two train.py processes under gloo; the library-level test above checks the equivalence
 def test_train_py_under_ddp_shards_calibration_and_reports_once(tmp_path):
     """``trainer=ddp`` through the real entry point: 2 gloo ranks each calibrate half of the data; the summed
     statistics give the same Wanda masks, so the dense and identity rows equal a single-process run's."""

@@ -41,6 +41,7 @@ def test_fsdp_two_processes_equals_one_process_with_the_same_global_batch(tmp_pa
     assert single["restored"] and fsdp["restored"]
 
 
+@pytest.mark.slow  # ~55 s: two train.py processes under gloo; the library-level test above checks the equivalence
 def test_train_py_under_fsdp_on_cpu_runs_and_reports_once(tmp_path):
     """``trainer=fsdp`` through the real entry point on 2 gloo ranks: calibration sharded, the dense and identity
     rows equal a single-process run's (the model FSDP wrapped is handed back whole), rank 0 alone writes results."""

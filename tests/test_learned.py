@@ -13,6 +13,19 @@ from permsparse.permutation.learned import LearnedPermutation, LearnedPermutatio
 from permsparse.sparsity.pruners import MagnitudePruner
 
 
+@pytest.fixture
+def shallow_greedy(monkeypatch):
+    """``init`` / ``base`` = greedy build greedy CP without its perturbation phase (as ``compose_cfg`` does for
+    ``perm=greedy``): on the tiny model the phase took about 50 s per build and these tests need a greedy start,
+    not the deepest one (``tests/test_channel_swap.py`` tests the phase)."""
+    import permsparse.permutation.learned as learned_mod
+    from permsparse.permutation.channel_swap import GreedyChannelSwap
+
+    heuristic = learned_mod._heuristic
+    monkeypatch.setattr(learned_mod, "_heuristic", lambda init, seed: GreedyChannelSwap(
+        seed=seed, perturb_rounds_per_group=0) if init == "greedy" else heuristic(init, seed))
+
+
 def _data(n=16, seq=24, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 128, (n, seq), generator=gen)
@@ -170,7 +183,7 @@ def test_scores_masks_and_workspaces_follow_the_module_to_another_device(monkeyp
 
 
 @pytest.mark.parametrize("init", ["ria", "greedy"])
-def test_a_heuristic_init_starts_at_the_heuristic_run_inside_each_block(init):
+def test_a_heuristic_init_starts_at_the_heuristic_run_inside_each_block(init, shallow_greedy):
     from permsparse.models import get_spec
     from permsparse.permutation.base import find_block_diagonal
     from permsparse.permutation.channel_swap import GreedyChannelSwap
@@ -181,7 +194,7 @@ def test_a_heuristic_init_starts_at_the_heuristic_run_inside_each_block(init):
     model = tiny_llama(seed=0)
     learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=LearnedPermutation(groups=2, init=init, base="none"))
     start = learned.hard_permutations()
-    heuristic = RIAChannelPermutation() if init == "ria" else GreedyChannelSwap(seed=0)
+    heuristic = RIAChannelPermutation() if init == "ria" else GreedyChannelSwap(seed=0, perturb_rounds_per_group=0)
     moved = 0
     for group in get_spec(model).groups(model):
         scores = group_scores(model, group, MagnitudePruner(), None)
@@ -195,7 +208,7 @@ def test_a_heuristic_init_starts_at_the_heuristic_run_inside_each_block(init):
     assert moved > 0
 
 
-def test_a_learned_run_from_greedy_validates_the_start_and_never_ends_worse(tmp_path):
+def test_a_learned_run_from_greedy_validates_the_start_and_never_ends_worse(tmp_path, shallow_greedy):
     from conftest import TINY_LM, compose_cfg
 
     from permsparse.run import train
@@ -410,7 +423,7 @@ def test_under_a_base_frame_the_gradients_are_those_of_the_same_blocks_on_frame_
 
 
 @pytest.mark.parametrize("base", ["ria", "greedy"])
-def test_a_base_with_the_identity_start_begins_exactly_at_the_global_heuristic_and_learns_on_top(base):
+def test_a_base_with_the_identity_start_begins_exactly_at_the_global_heuristic_and_learns_on_top(base, shallow_greedy):
     from permsparse.models import get_spec
     from permsparse.permutation.channel_swap import GreedyChannelSwap
     from permsparse.permutation.ria_cp import RIAChannelPermutation
@@ -420,7 +433,7 @@ def test_a_base_with_the_identity_start_begins_exactly_at_the_global_heuristic_a
     method = LearnedPermutation(groups=2, base=base, init="identity", init_scale=0.05)
     learned = LearnedPermutations(model, MagnitudePruner(), "2:4", method=method)
     start = learned.hard_permutations()
-    heuristic = RIAChannelPermutation() if base == "ria" else GreedyChannelSwap(seed=0)
+    heuristic = RIAChannelPermutation() if base == "ria" else GreedyChannelSwap(seed=0, perturb_rounds_per_group=0)
     crossing = 0
     for group in get_spec(model).groups(model):
         expected = heuristic.find(group_scores(model, group, MagnitudePruner(), None), "2:4", group.name)
