@@ -109,12 +109,13 @@ def test_learned_yaml_and_class_hold_the_same_knobs_and_defaults():
 
     from permsparse.permutation.learned import LearnedPermutation
 
-    node = OmegaConf.load(CONF / "perm" / "learned.yaml").method
+    yaml = OmegaConf.load(CONF / "perm" / "learned.yaml")
+    node = yaml.method
     fields = {f.name: f.default for f in dataclasses.fields(LearnedPermutation)}
     assert set(node) - {"_target_"} == set(fields)
     interpolated = {k for k in node if OmegaConf.is_interpolation(node, k)}
     assert interpolated == {"foldable", "base", "seed"}  # perm.foldable, perm.base and the run's seed
-    assert OmegaConf.load(CONF / "perm" / "learned.yaml").base == fields["base"]
+    assert yaml.base == fields["base"]
     for key, default in fields.items():
         if key not in interpolated:
             assert node[key] == default, f"perm.method.{key}: yaml {node[key]!r} != class default {default!r}"

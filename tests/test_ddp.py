@@ -47,7 +47,8 @@ def test_ddp_equals_one_process_under_the_default_base(tmp_path):
     assert moved > 1e-2  # two steps at lr 50 moved the costs far beyond the tolerance
 
 
-@pytest.mark.slow  # ~55 s: two train.py processes under gloo; the library-level test above checks the equivalence
+@pytest.mark.slow  # ~55 s, two train.py processes under gloo; in the default run the tests above check DDP's learning
+# equivalence and test_calibration.py's test_all_reduce_stats_sums_across_ranks the summed (sharded) statistics
 def test_train_py_under_ddp_shards_calibration_and_reports_once(tmp_path):
     """``trainer=ddp`` through the real entry point: 2 gloo ranks each calibrate half of the data; the summed
     statistics give the same Wanda masks, so the dense and identity rows equal a single-process run's."""

@@ -41,7 +41,8 @@ def test_fsdp_two_processes_equals_one_process_with_the_same_global_batch(tmp_pa
     assert single["restored"] and fsdp["restored"]
 
 
-@pytest.mark.slow  # ~55 s: two train.py processes under gloo; the library-level test above checks the equivalence
+@pytest.mark.slow  # ~55 s, two train.py processes under gloo; in the default run the test above checks FSDP's learning
+# equivalence and test_calibration.py's test_all_reduce_stats_sums_across_ranks the summed (sharded) statistics
 def test_train_py_under_fsdp_on_cpu_runs_and_reports_once(tmp_path):
     """``trainer=fsdp`` through the real entry point on 2 gloo ranks: calibration sharded, the dense and identity
     rows equal a single-process run's (the model FSDP wrapped is handed back whole), rank 0 alone writes results."""
