@@ -2,7 +2,7 @@
 
 Run as a script (Lightning's DDP launcher re-executes it for rank 1):
     python tests/helpers/ddp_worker.py --devices 2 --per-device-batch 2 --out result_ddp.pt
-Rank 0 saves the final permutations, the best validation loss and the learned costs.
+Rank 0 saves the final permutations, the best validation loss, the learned costs and the costs at the first step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,17 @@ from permsparse.lit import CausalLMModule, PermutationLearning
 from permsparse.models.tiny import tiny_llama
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.sparsity.pruners import MagnitudePruner
+
+
+def _costs(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.permutations.state_dict().items() if k.endswith("raw")}
+
+
+class _StartCosts(pl.Callback):
+    """The costs as the permutation callback attached them, before any step (listed after it, so it runs later)."""
+
+    def on_train_start(self, trainer, module) -> None:
+        self.costs = _costs(module)
 
 
 def main() -> None:
@@ -41,9 +52,10 @@ def main() -> None:
     method = LearnedPermutation(groups=2, init="ria" if args.base == "none" else "identity", base=args.base,
                                 init_scale=0.05, tau_end=0.1, warm_iters=3, grad_precision="float32")
     callback = PermutationLearning(method, MagnitudePruner(), "2:4")
+    start = _StartCosts()
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_epochs=2, max_steps=args.max_steps,
-        callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[callback, start], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True, use_distributed_sampler=False,
     )
     # Each rank reads every world_size-th sample, so a DDP step's global batch is the single-process batch.
@@ -53,8 +65,8 @@ def main() -> None:
 
     trainer.fit(module, loader(data), loader(data[:8]))
     if trainer.global_rank == 0:
-        costs = {k: v.detach().clone() for k, v in module.permutations.state_dict().items() if k.endswith("raw")}
-        torch.save({"perms": callback.final_perms, "best_loss": callback.best_loss, "costs": costs,
+        torch.save({"perms": callback.final_perms, "best_loss": callback.best_loss, "costs": _costs(module),
+                    "start_costs": start.costs,
                     "steps": trainer.global_step, "history": callback.history}, args.out)
 
 
