@@ -141,3 +141,22 @@ def test_sparsegpt_selects_the_published_block_by_block_calibration_unless_overr
     assert compose_cfg(["pruner=sparsegpt", "calibration.sequential=false"], Path("/tmp/x")).calibration.sequential is False
     for pruner in ("magnitude", "wanda", "ria"):
         assert compose_cfg([f"pruner={pruner}"], Path("/tmp/x")).calibration.sequential is False
+
+
+@pytest.mark.parametrize(("overrides", "unused"), [
+    (["experiment=vit_fmnist"], None),                            # perm=learned reads perm.base=greedy
+    (["perm=learned_paper"], None),                              # its own perm.base agrees with its method's
+    (["experiment=vit_fmnist", "perm=learned_paper"], "perm.base=greedy is not used: perm=learned learns in the "
+                                                      "frame perm.method.base=none"),
+    (["experiment=vit_fmnist", "perm=permllm"], "perm.base=greedy is not used: perm=permllm learns in the frame "
+                                                "perm.method.base=none"),
+    (["perm.method.base=none"], "perm.base=ria is not used: perm=learned learns in the frame perm.method.base=none"),
+    (["perm.base=greedy"], None),
+    (["perm=ria"], None),                                         # a heuristic has no frame
+])
+def test_a_perm_base_that_the_method_ignores_is_named_in_a_warning(overrides, unused, tmp_path, caplog):
+    cfg = compose_cfg(overrides, tmp_path)
+    with caplog.at_level("WARNING", logger="permsparse"):
+        validate_config(cfg)
+    warned = [r.getMessage() for r in caplog.records if "perm.base=" in r.getMessage()]
+    assert warned == ([] if unused is None else [unused + " (set it to choose the frame of this method)"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from permsparse.permutation.foldable import FOLDABLE_KEY
 from permsparse.permutation.learned import LearnedPermutation
 from permsparse.permutation.residual import RESIDUAL_CHOICES, RESIDUAL_KEY
 from permsparse.sparsity.nm import NMPattern
+
+log = logging.getLogger("permsparse")
 
 __all__ = ["ConfigError", "validate_config", "build_method", "LEARNING_MODES", "e2e_steps", "block_steps",
            "BLOCK_PRECISIONS", "strategy_kind", "accelerator_kind", "stream_folder"]
@@ -138,6 +141,7 @@ def validate_config(cfg: DictConfig) -> None:
         every = cfg.learning.get("checkpoint_every_n_steps")
         if every is not None:
             _positive_int(cfg, "learning.checkpoint_every_n_steps")
+        _warn_unused_base(cfg)
     resume = cfg.get("resume")
     if resume and not Path(str(resume)).is_dir():
         raise ConfigError(f"resume={resume} is not a folder; point it at a previous run's output folder")
@@ -146,6 +150,17 @@ def validate_config(cfg: DictConfig) -> None:
     _check_model_source(cfg)
     _check_hub_model(cfg)
     _check_zeroshot(cfg)
+
+
+def _warn_unused_base(cfg: DictConfig) -> None:
+    """``perm.base`` (the learning frame's key, which an experiment may set) reaches the learned method only through
+    ``perm=learned``'s ``method.base: ${..base}``; a method config that sets ``method.base`` itself (learned_paper,
+    permllm) or a ``perm.method.base=`` override ignores it. Say so instead of letting the run look configured."""
+    base = cfg.perm.get("base")
+    used = OmegaConf.select(cfg, "perm.method.base", default=None)
+    if base is not None and used is not None and str(base) != str(used):
+        log.warning("perm.base=%s is not used: perm=%s learns in the frame perm.method.base=%s (set it to choose the "
+                    "frame of this method)", base, cfg.perm.get("name"), used)
 
 
 def _check_model_targets(cfg: DictConfig) -> None:
