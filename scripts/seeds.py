@@ -13,7 +13,9 @@ the best mean among ``none``, ``ria`` and ``greedy``), measured two ways:
 
 A lead is positive when the setting is better (higher top-1, lower perplexity). ``--metric`` picks the headline
 metric, ``--reference`` a setting label to compare against, ``--seeds 0,1,2`` keeps those seeds only, and ``--csv``
-writes the table. Nothing is chosen here: to choose a learned setting, read the validation-loss column (or the
+writes the table. ``--val-reference SETTING`` adds every learned setting's best validation loss paired by seed
+against that setting's: the validation windows follow the seed, so a loss differs more between seeds than between
+settings, and only the per-seed difference compares two settings. Nothing is chosen here: to choose a learned setting, read the validation-loss column (or the
 leave-one-source-out folds, ``scripts/select_setting.py``), never a held-out domain.
 """
 
@@ -86,6 +88,42 @@ def lead(a: dict[int, float], b: dict[int, float], higher: bool) -> dict[str, fl
             "paired_seeds": len(common)}
 
 
+def _best_val_loss(run: dict) -> float | None:
+    value = (run.get("learning") or {}).get("best_val_loss")
+    return None if value is None else float(value)
+
+
+def val_leads(groups: dict[str, dict[int, dict]], reference: str) -> list[dict]:
+    """Every learned setting's best validation loss against ``reference``'s, paired by seed: ``{setting, seeds,
+    per_seed: {seed: reference - setting}, mean, z}`` (positive: the setting's loss is lower), best first."""
+    if reference not in groups:
+        raise SystemExit(f"--val-reference {reference!r} is not a setting here: {sorted(groups)}")
+    ref = {seed: v for seed, run in groups[reference].items() if (v := _best_val_loss(run)) is not None}
+    if not ref:
+        raise SystemExit(f"--val-reference {reference!r} has no learned run (no best validation loss)")
+    out = []
+    for setting, runs in groups.items():
+        mine = {seed: v for seed, run in runs.items() if (v := _best_val_loss(run)) is not None}
+        common = sorted(set(mine) & set(ref))
+        if setting == reference or not common:
+            continue
+        diffs = {seed: ref[seed] - mine[seed] for seed in common}
+        stats = summary(list(diffs.values()))
+        out.append({"setting": setting, "seeds": common, "per_seed": diffs, "mean": stats["mean"],
+                    "z": stats["mean"] / stats["se"] if stats["n"] > 1 and stats["se"] else math.nan})
+    return sorted(out, key=lambda r: -r["mean"])
+
+
+def print_val_leads(leads: list[dict], reference: str) -> None:
+    print(f"\nbest validation loss, paired by seed, against {reference!r} (positive: lower than it; the number a "
+          "setting is chosen by)")
+    width = max((len(r["setting"]) for r in leads), default=7)
+    for r in leads:
+        per_seed = " / ".join(f"{r['per_seed'][s]:+.4f}" for s in r["seeds"])
+        print(f"{r['setting']:<{width}}  {r['mean']:+8.4f}  z {r['z']:+6.2f}   per seed {per_seed} "
+              f"(seeds {','.join(map(str, r['seeds']))})")
+
+
 def table(groups: dict[str, dict[int, dict]], metric: str | None = None,
           reference: str | None = None) -> tuple[list[dict], str, str | None]:
     """One row per setting: ``{setting, seeds, val_loss, <metric>: summary, ..., lead}``; the headline metric; the
@@ -111,8 +149,7 @@ def table(groups: dict[str, dict[int, dict]], metric: str | None = None,
     rows = []
     for setting, runs in groups.items():
         row: dict = {"setting": setting, "seeds": ",".join(str(s) for s in sorted(runs))}
-        vals = [float(r["learning"]["best_val_loss"]) for r in runs.values()
-                if (r.get("learning") or {}).get("best_val_loss") is not None]
+        vals = [v for r in runs.values() if (v := _best_val_loss(r)) is not None]
         row["val_loss"] = sum(vals) / len(vals) if vals else math.nan
         for m in metrics:
             row[m] = summary([float(r["metrics"]["pruned"][m]) for r in runs.values() if m in r["metrics"]["pruned"]])
@@ -151,13 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="setting to compare against (default: the best heuristic)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: all)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--val-reference", default=None,
+                        help="a learned setting: compare every learned setting's best validation loss with its, by seed")
     args = parser.parse_args(argv)
     runs = load_folders(args.folders)
     if runs is None:
         return 2
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
-    rows, metric, reference = table(collect(runs, seeds), args.metric, args.reference)
+    groups = collect(runs, seeds)
+    rows, metric, reference = table(groups, args.metric, args.reference)
     print_table(rows, metric, reference)
+    if args.val_reference is not None:
+        print_val_leads(val_leads(groups, args.val_reference), args.val_reference)
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)

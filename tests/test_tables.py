@@ -361,3 +361,32 @@ def test_seeds_splits_one_setting_run_twice_per_seed_by_its_folder_and_ranks_per
     rows, metric, reference = seeds.table(groups)
     assert metric == "ppl_pydoc" and reference is None  # no heuristic to compare against
     assert [r["setting"] for r in rows] == ["learned [new]", "learned [old]"]  # lower perplexity first
+
+
+def test_seeds_compares_best_validation_losses_paired_by_seed(tmp_path, capsys):
+    """The validation windows follow the seed, so seed 2's losses are all lower here; the paired difference still
+    ranks the setting that is lower at every seed first."""
+    seeds = _seeds_module()
+    losses = {"calibration.samples=128": [4.30, 4.25, 4.05], "calibration.samples=32": [4.36, 4.30, 4.14],
+              "calibration.samples=8": [4.34, 4.35, 4.16]}
+    for setting, values in losses.items():
+        for seed, loss in enumerate(values):
+            run = _write(tmp_path / "sweep", f"{setting}_{seed}", "smollm2", "wanda", "learned", seed,
+                         pruned={"ppl_pydoc": 60.0}, history=[{"step": 1, "val_loss": loss + 0.1},
+                                                              {"step": 2, "val_loss": loss}])
+            _overrides(run, "dataset=mixture", setting, f"seed={seed}")
+    run = _write(tmp_path / "sweep", "ria_0", "smollm2", "wanda", "ria", 0, pruned={"ppl_pydoc": 70.0})
+    _overrides(run, "dataset=mixture", "perm=ria", "seed=0")
+    groups = seeds.collect(seeds.load_folders([tmp_path]))
+    leads = seeds.val_leads(groups, "learned calibration.samples=32")
+    assert [r["setting"] for r in leads] == ["learned calibration.samples=128", "learned calibration.samples=8"]
+    best = leads[0]
+    assert best["per_seed"] == pytest.approx({0: 0.06, 1: 0.05, 2: 0.09}) and best["seeds"] == [0, 1, 2]
+    assert best["z"] == pytest.approx(statistics.mean([0.06, 0.05, 0.09]) / (statistics.stdev([0.06, 0.05, 0.09]) / math.sqrt(3)))
+    assert leads[1]["mean"] == pytest.approx((0.02 - 0.05 - 0.02) / 3)  # lower at seed 0 only: negative
+    with pytest.raises(SystemExit, match="has no learned run"):
+        seeds.val_leads(groups, "ria")
+    assert seeds.main([str(tmp_path), "--val-reference", "learned calibration.samples=32"]) == 0
+    out = capsys.readouterr().out
+    assert "best validation loss, paired by seed, against 'learned calibration.samples=32'" in out
+    assert "+0.0667" in out and "per seed +0.0600 / +0.0500 / +0.0900" in out
