@@ -15,8 +15,9 @@ A lead is positive when the setting is better (higher top-1, lower perplexity). 
 metric, ``--reference`` a setting label to compare against, ``--seeds 0,1,2`` keeps those seeds only, and ``--csv``
 writes the table. ``--val-reference SETTING`` adds every learned setting's best validation loss paired by seed
 against that setting's: the validation windows follow the seed, so a loss differs more between seeds than between
-settings, and only the per-seed difference compares two settings. Nothing is chosen here: to choose a learned setting, read the validation-loss column (or the
-leave-one-source-out folds, ``scripts/select_setting.py``), never a held-out domain.
+settings, and only the per-seed difference compares two settings. Nothing is chosen here: to choose a learned
+setting, read the validation losses (or the leave-one-source-out folds, ``scripts/select_setting.py``), never a
+held-out domain.
 """
 
 from __future__ import annotations
@@ -107,10 +108,9 @@ def val_leads(groups: dict[str, dict[int, dict]], reference: str) -> list[dict]:
         common = sorted(set(mine) & set(ref))
         if setting == reference or not common:
             continue
-        diffs = {seed: ref[seed] - mine[seed] for seed in common}
-        stats = summary(list(diffs.values()))
-        out.append({"setting": setting, "seeds": common, "per_seed": diffs, "mean": stats["mean"],
-                    "z": stats["mean"] / stats["se"] if stats["n"] > 1 and stats["se"] else math.nan})
+        paired = lead(mine, ref, higher=False)  # lower is better: positive when ``setting``'s loss is lower
+        out.append({"setting": setting, "seeds": common, "per_seed": {seed: ref[seed] - mine[seed] for seed in common},
+                    "mean": paired["paired_diff"], "z": paired["paired_z"]})
     return sorted(out, key=lambda r: -r["mean"])
 
 
