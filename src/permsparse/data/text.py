@@ -72,6 +72,7 @@ __all__ = [
     "train_windows",
     "eval_windows",
     "perplexity",
+    "window_nlls",
     "next_token_nll",
 ]
 
@@ -519,6 +520,35 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     finally:
         model.train(was_training)
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def window_nlls(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True) -> Tensor:
+    """The mean next-token NLL of every one of ``(n, seq_len)`` windows, ``(n,)`` float64: the per-window terms of
+    :func:`perplexity` (windows are equal-length, so ``exp(window_nlls(...).mean())`` is the same perplexity, up to
+    float rounding). ``scripts/rescore.py`` uses them to re-measure a run on more windows and resample its windows."""
+    if windows.dim() != 2 or windows.shape[1] < 2 or len(windows) == 0:
+        raise ValueError(f"windows must be (n >= 1, seq_len >= 2), got shape {tuple(windows.shape)}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    out = []
+    starts = range(0, len(windows), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="window NLL", unit="batch", leave=False)
+    try:
+        for i in starts:
+            batch = windows[i : i + batch_size].to(device)
+            res = model(input_ids=batch, use_cache=False)
+            logits = res.logits if hasattr(res, "logits") else res
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")
+            out.append(nll.double().mean(dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def next_token_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
