@@ -98,7 +98,8 @@ def report(runs: list[dict], scores: dict[str, dict]) -> list[dict]:
     rows = []
     for setting, by_seed in sorted(collect(runs).items()):
         seeds = sorted(by_seed)
-        metrics = [m for m in scores.get(str(by_seed[seeds[0]]["_path"]), {})]
+        scored = [scores.get(str(by_seed[s]["_path"]), {}) for s in seeds]
+        metrics = [m for m in scored[0] if all(m in e for e in scored)]  # the domains every seed was scored on
         for metric in metrics:
             entries = [scores[str(by_seed[s]["_path"])][metric] for s in seeds]
             k = entries[0]["k"]

@@ -69,3 +69,15 @@ def test_a_bad_override_and_an_unknown_domain_fail_in_one_line(two_seeds):
         rescore.main([str(two_seeds), "--set", "held_out_windows"])
     with pytest.raises(SystemExit, match="no evaluation set"):
         rescore.main([str(two_seeds / "seed0"), "--domains", "ppl_nowhere"])
+
+
+def test_a_domain_that_not_every_seed_was_scored_on_is_left_out(two_seeds):
+    runs, scores = [], {}
+    for seed in (0, 1):
+        run_dir = two_seeds / f"seed{seed}"
+        runs.append(dict(json.loads((run_dir / "results.json").read_text()), _path=str(run_dir)))
+        scores[str(run_dir)] = {"ppl_kjv": {"k": 0, "nll": [1.0, 2.0]}}
+    scores[str(two_seeds / "seed0")]["ppl_other"] = {"k": 0, "nll": [1.0]}
+    rows = rescore.report(runs, scores)
+    assert [r["metric"] for r in rows] == ["ppl_kjv"]
+    assert rows[0]["all"] == [pytest.approx(math.exp(1.5))] * 2
