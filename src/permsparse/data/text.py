@@ -488,6 +488,32 @@ def eval_windows(ids: Tensor, n_windows: int | None = 32, seq_len: int = 512) ->
 # ------------------------------------------------------------------------------------- perplexity
 
 
+def _scored_batches(model: nn.Module, windows: Tensor, batch_size: int, progress: bool,
+                    name: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(batch, logits)`` for consecutive ``batch_size`` slices of ``(n, seq_len)`` windows, the model in eval
+    mode while it runs (its mode is restored afterwards); the loop of :func:`perplexity` and :func:`window_nlls`."""
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n, seq_len >= 2), got shape {tuple(windows.shape)}")
+    if len(windows) == 0:
+        raise ValueError(f"{name}: no windows")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(windows), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=name, unit="batch", leave=False)
+    try:
+        for i in starts:
+            batch = windows[i : i + batch_size].to(device)
+            out = model(input_ids=batch, use_cache=False)
+            yield batch, out.logits if hasattr(out, "logits") else out
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True) -> float:
     """Perplexity of a causal LM on ``(n, seq_len)`` windows: ``exp`` of the mean next-token NLL.
@@ -496,29 +522,11 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
     ``n * (seq_len - 1)`` predicted tokens, which equals HF's ``labels=input_ids`` loss averaged over
     equal-length windows. Logits are upcast to float32. Eval mode is restored afterwards.
     """
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be (n, seq_len >= 2), got shape {tuple(windows.shape)}")
-    if len(windows) == 0:
-        raise ValueError("perplexity: no windows")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0
-    starts = range(0, len(windows), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="perplexity", unit="batch", leave=False)
-    try:
-        for i in starts:
-            batch = windows[i : i + batch_size].to(device)
-            out = model(input_ids=batch, use_cache=False)
-            batch_nll, batch_count = next_token_nll(out.logits if hasattr(out, "logits") else out, batch)
-            nll += batch_nll
-            count += batch_count
-    finally:
-        model.train(was_training)
+    for batch, logits in _scored_batches(model, windows, batch_size, progress, "perplexity"):
+        batch_nll, batch_count = next_token_nll(logits, batch)
+        nll += batch_nll
+        count += batch_count
     return math.exp(nll / count)
 
 
@@ -527,28 +535,9 @@ def window_nlls(model: nn.Module, windows: Tensor, batch_size: int = 4, progress
     """The mean next-token NLL of every one of ``(n, seq_len)`` windows, ``(n,)`` float64: the per-window terms of
     :func:`perplexity` (windows are equal-length, so ``exp(window_nlls(...).mean())`` is the same perplexity, up to
     float rounding). ``scripts/rescore.py`` uses them to re-measure a run on more windows and resample its windows."""
-    if windows.dim() != 2 or windows.shape[1] < 2 or len(windows) == 0:
-        raise ValueError(f"windows must be (n >= 1, seq_len >= 2), got shape {tuple(windows.shape)}")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    out = []
-    starts = range(0, len(windows), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="window NLL", unit="batch", leave=False)
-    try:
-        for i in starts:
-            batch = windows[i : i + batch_size].to(device)
-            res = model(input_ids=batch, use_cache=False)
-            logits = res.logits if hasattr(res, "logits") else res
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")
-            out.append(nll.double().mean(dim=1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+    out = [F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none").double().mean(1)
+           for batch, logits in _scored_batches(model, windows, batch_size, progress, "window NLL")]
+    return torch.cat(out).cpu()
 
 
 def next_token_nll(logits: Tensor, ids: Tensor) -> tuple[float, int]:
