@@ -17,7 +17,8 @@ For every setting (runs grouped by seed as ``scripts/seeds.py`` does) and domain
   the method, made the runs look far apart.
 
 ``--out FILE.json`` keeps the per-window NLLs, keyed by run folder and domain; a run already in the file is not
-scored again (a long rescoring resumes where it stopped).
+scored again (a long rescoring resumes where it stopped). A file written with other ``--set`` values is started
+afresh, since its windows are not the same.
 """
 
 from __future__ import annotations
