@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import load_folders  # noqa: E402
-from seeds import collect  # noqa: E402
+from seeds import collect, summary  # noqa: E402
 
 TOLERANCE = 1e-3  # relative: the recomputed protocol perplexity against results.json
 
@@ -81,18 +81,14 @@ def ppl(nll: list[float]) -> float:
 def spread(values: list[float]) -> str:
     if len(values) < 2:
         return "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f} ({statistics.stdev(values) / mean:.1%})"
+    s = summary(values)
+    return f"{s['mean']:.2f} ± {s['sd']:.2f} ({s['rel_sd']:.1%})"
 
 
 def block_spreads(per_seed: list[list[float]], k: int) -> list[float]:
     """sd / mean over seeds of the perplexity on each disjoint block of ``k`` windows (all seeds scored alike)."""
     n = min(len(v) for v in per_seed)
-    out = []
-    for start in range(0, n - k + 1, k):
-        values = [ppl(v[start:start + k]) for v in per_seed]
-        out.append(statistics.stdev(values) / statistics.fmean(values))
-    return out
+    return [summary([ppl(v[start:start + k]) for v in per_seed])["rel_sd"] for start in range(0, n - k + 1, k)]
 
 
 def report(runs: list[dict], scores: dict[str, dict]) -> list[dict]:
@@ -102,7 +98,7 @@ def report(runs: list[dict], scores: dict[str, dict]) -> list[dict]:
         scored = [scores.get(str(by_seed[s]["_path"]), {}) for s in seeds]
         metrics = [m for m in scored[0] if all(m in e for e in scored)]  # the domains every seed was scored on
         for metric in metrics:
-            entries = [scores[str(by_seed[s]["_path"])][metric] for s in seeds]
+            entries = [e[metric] for e in scored]
             k = entries[0]["k"]
             own = [ppl(e["nll"][:k]) for e in entries]
             rest = [ppl(e["nll"][k:]) for e in entries]
